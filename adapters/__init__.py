@@ -1,0 +1,25 @@
+"""Target-family adapters, installed as mmspec.adapters. `adapter_for(config)` picks one; the first match wins, so the
+dedicated families come before the generic fallbacks."""
+
+from __future__ import annotations
+
+from .base import Adapter, TextAdapter
+from .generic import GenericVLMAdapter
+from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
+from .qwen2_vl import Qwen2VLAdapter
+
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, GenericVLMAdapter, TextAdapter)
+
+SUPPORTED = "LLaVA 1.5 (llava), LLaVA-NeXT (llava_next), Qwen2-VL / Qwen2.5-VL (qwen2_vl, qwen2_5_vl), other " \
+    "image-text-to-text models with a plain decoder (generic), and text-only causal LMs (text)"
+
+
+def adapter_for(config) -> Adapter:
+    for cls in ADAPTERS:
+        if cls.matches(config):
+            return cls()
+    raise ValueError(f"no mmspec adapter for model type {config.model_type!r}; supported: {SUPPORTED}")
+
+
+__all__ = ["ADAPTERS", "Adapter", "SUPPORTED", "adapter_for"]

@@ -1,0 +1,83 @@
+"""What the engine needs to know about a target family, and nothing else.
+
+An adapter answers four questions: which transformers auto class loads it, how a prompt and images become the target's
+inputs (its own processor and chat template), where each prompt token sits in position space (1-D, or M-RoPE with a
+text offset), and how to pass position ids for the tokens of a tree. Embeddings, LM head and hidden states come from the
+standard transformers accessors, so most families need only a few lines.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, BatchFeature
+
+
+class Adapter:
+    name = "base"
+    model_types: tuple[str, ...] = ()
+    auto_class: Any = AutoModelForImageTextToText
+    multimodal = True
+
+    @classmethod
+    def matches(cls, config) -> bool:
+        return config.model_type in cls.model_types
+
+    # ---- inputs ---------------------------------------------------------------------------------------------------
+    def messages(self, prompt: str | list, n_images: int) -> list[dict]:
+        """One user turn: the images first, in order, then the text (the layout the families' chat templates expect)."""
+        if isinstance(prompt, list):
+            return prompt
+        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
+        return [{"role": "user", "content": content}]
+
+    def prepare(self, processor, prompt: str | list, images: Sequence) -> BatchFeature:
+        if images and not self.multimodal:
+            raise ValueError(f"this target ({self.name}) is a text-only model and cannot take images")
+        text = processor.apply_chat_template(self.messages(prompt, len(images)), add_generation_prompt=True, tokenize=False)
+        kwargs = {"images": list(images)} if images else {}
+        return processor(text=text, return_tensors="pt", **kwargs)
+
+    def image_token_id(self, config) -> int | None:
+        for name in ("image_token_id", "image_token_index"):
+            value = getattr(config, name, None)
+            if value is not None:
+                return int(value)
+        return None
+
+    # ---- positions ------------------------------------------------------------------------------------------------
+    def prompt_positions(self, model: nn.Module, inputs: dict) -> tuple[Tensor, int]:
+        """1-D target positions of the prompt tokens [n], and the position of the first new token."""
+        n = inputs["input_ids"].shape[1]
+        return torch.arange(n, device=inputs["input_ids"].device), n
+
+    def position_ids(self, positions: Tensor) -> Tensor:
+        """[T] positions of tree tokens -> what the target's forward takes as position_ids."""
+        return positions[None]
+
+
+class TextAdapter(Adapter):
+    """Plain causal LMs (and the text path of anything that loads with AutoModelForCausalLM)."""
+
+    name = "text"
+    multimodal = False
+    auto_class = AutoModelForCausalLM
+
+    @classmethod
+    def matches(cls, config) -> bool:
+        return getattr(config, "vision_config", None) is None
+
+    def prepare(self, processor, prompt: str | list, images: Sequence) -> BatchFeature:
+        if images:
+            raise ValueError("this target is a text-only language model and cannot take images; pass images=None")
+        tok = processor
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template(self.messages_text(prompt), add_generation_prompt=True, tokenize=False)
+            return tok(text, return_tensors="pt", add_special_tokens=False)
+        return tok(prompt if isinstance(prompt, str) else prompt[-1]["content"], return_tensors="pt")
+
+    @staticmethod
+    def messages_text(prompt: str | list) -> list[dict]:
+        return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]

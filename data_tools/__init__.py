@@ -1,0 +1,1 @@
+"""mmspec.data_tools."""

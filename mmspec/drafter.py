@@ -1,0 +1,291 @@
+"""The EAGLE drafter: one decoder layer over (token embedding, target feature), sharing the target's embedding and LM head.
+
+Layout follows EAGLE-3 so one module serves both fusion modes and exports to the layout vLLM / SGLang load:
+- fusion="last" (EAGLE-1/2): the feature is the target's last hidden state.
+- fusion="multi_layer" (EAGLE-3): low / mid / high layer hidden states, concatenated and projected 3H -> H by `fc`.
+The layer's attention reads [norm(embedding) | norm(feature)] (2H wide q/k/v); the residual stream is the feature. Its
+output is a predicted next feature: fed back as the feature for the next draft depth, and through `norm` + the target's
+LM head it gives the draft logits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "mmspec_drafter.json"
+WEIGHTS_NAME = "model.safetensors"
+FUSIONS = ("last", "multi_layer")
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    target_num_layers: int
+    feature_layers: tuple[int, ...]  # indices into the target's hidden_states tuple (0 = embeddings)
+    fusion: str = "multi_layer"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    target_model_type: str = ""
+    vision_adaptor: bool = False
+    num_queries: int = 2
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        bad = [i for i in self.feature_layers if not 0 <= i <= self.target_num_layers]
+        if bad:
+            raise ValueError(f"feature_layers {bad} outside the target's 0..{self.target_num_layers} hidden states")
+
+    def to_json(self) -> str:
+        return json.dumps({"format": "mmspec-drafter", "version": 1, **asdict(self)}, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DrafterConfig":
+        d = {k: v for k, v in d.items() if k not in ("format", "version")}
+        d["feature_layers"] = tuple(d["feature_layers"])
+        return cls(**d)
+
+
+def _rope_theta(text_config) -> float:
+    params = getattr(text_config, "rope_parameters", None) or {}
+    if isinstance(params, dict) and "rope_theta" in params:
+        return float(params["rope_theta"])
+    return float(getattr(text_config, "rope_theta", 10000.0))
+
+
+def default_feature_layers(num_layers: int, fusion: str) -> tuple[int, ...]:
+    """EAGLE-3 reads a low, a middle and a high layer; EAGLE-1/2 the final (normed) hidden state."""
+    if fusion == "last":
+        return (num_layers,)
+    clamp = lambda i: min(max(i, 1), num_layers)  # noqa: E731
+    return (clamp(2), clamp(num_layers // 2), clamp(num_layers - 3))
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], dim=-1)
+
+
+class DraftKV:
+    """The drafter's own KV cache: preallocated buffers that grow by doubling, cropped back after every draft."""
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None  # [B, kv_heads, capacity, head_dim]
+        self.v: Tensor | None = None
+        self.length = 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        n = k.shape[2]
+        if self.k is None or self.length + n > self.k.shape[2]:
+            cap = max(256, 2 * (self.length + n))
+            new_k = k.new_zeros(k.shape[0], k.shape[1], cap, k.shape[3])
+            new_v = torch.zeros_like(new_k)
+            if self.k is not None:
+                new_k[:, :, : self.length] = self.k[:, :, : self.length]
+                new_v[:, :, : self.length] = self.v[:, :, : self.length]
+            self.k, self.v = new_k, new_v
+        self.k[:, :, self.length : self.length + n] = k
+        self.v[:, :, self.length : self.length + n] = v
+        self.length += n
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+    def crop(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+
+class Drafter(nn.Module):
+    def __init__(self, config: DrafterConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        h, hd = c.hidden_size, c.head_dim
+        n_feat = len(c.feature_layers)
+        self.fc = nn.Linear(n_feat * h, h, bias=False) if c.fusion == "multi_layer" else None
+        self.input_norm = nn.RMSNorm(h, eps=c.rms_norm_eps)
+        self.hidden_norm = nn.RMSNorm(h, eps=c.rms_norm_eps)
+        self.q_proj = nn.Linear(2 * h, c.num_attention_heads * hd, bias=False)
+        self.k_proj = nn.Linear(2 * h, c.num_key_value_heads * hd, bias=False)
+        self.v_proj = nn.Linear(2 * h, c.num_key_value_heads * hd, bias=False)
+        self.o_proj = nn.Linear(c.num_attention_heads * hd, h, bias=False)
+        self.post_norm = nn.RMSNorm(h, eps=c.rms_norm_eps)
+        self.gate_proj = nn.Linear(h, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(h, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, h, bias=False)
+        self.norm = nn.RMSNorm(h, eps=c.rms_norm_eps)
+        self.register_buffer("inv_freq", 1.0 / (c.rope_theta ** (torch.arange(0, hd, 2).float() / hd)), persistent=False)
+        # The target's embedding and LM head, borrowed (never saved); a tuple keeps them out of this module's state.
+        self._shared: tuple[nn.Module, nn.Module] | None = None
+
+    # ---- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def for_target(
+        cls,
+        model_or_config,
+        vision_adaptor: bool = False,
+        num_queries: int = 2,
+        fusion: str = "multi_layer",
+        feature_layers: tuple[int, ...] | None = None,
+    ) -> "Drafter":
+        """An untrained drafter sized to the target (a transformers model or its config)."""
+        if vision_adaptor:
+            raise NotImplementedError("the ViSpec vision adaptor is not implemented yet; use vision_adaptor=False")
+        model = model_or_config if isinstance(model_or_config, nn.Module) else None
+        config = model.config if model is not None else model_or_config
+        tc = config.get_text_config()
+        n_layers = tc.num_hidden_layers
+        heads = tc.num_attention_heads
+        config_obj = DrafterConfig(
+            hidden_size=tc.hidden_size,
+            intermediate_size=tc.intermediate_size,
+            num_attention_heads=heads,
+            num_key_value_heads=getattr(tc, "num_key_value_heads", None) or heads,
+            head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
+            vocab_size=tc.vocab_size,
+            target_num_layers=n_layers,
+            feature_layers=tuple(feature_layers or default_feature_layers(n_layers, fusion)),
+            fusion=fusion,
+            rms_norm_eps=float(getattr(tc, "rms_norm_eps", 1e-6)),
+            rope_theta=_rope_theta(tc),
+            target_model_type=config.model_type,
+            vision_adaptor=vision_adaptor,
+            num_queries=num_queries,
+        )
+        drafter = cls(config_obj)
+        if model is not None:
+            drafter.bind(model)
+        return drafter
+
+    def bind(self, target: nn.Module) -> "Drafter":
+        """Share the target's token embedding and LM head, after checking that this drafter was built for it."""
+        problems = self.mismatches(target.config)
+        if problems:
+            raise ValueError("drafter does not match the target: " + "; ".join(problems))
+        self._shared = (target.get_input_embeddings(), target.get_output_embeddings())
+        return self
+
+    def mismatches(self, target_config) -> list[str]:
+        c, tc = self.config, target_config.get_text_config()
+        out = []
+        if c.hidden_size != tc.hidden_size:
+            out.append(f"hidden size {c.hidden_size} vs target {tc.hidden_size}")
+        if c.vocab_size != tc.vocab_size:
+            out.append(f"vocabulary {c.vocab_size} vs target {tc.vocab_size}")
+        if c.target_num_layers != tc.num_hidden_layers:
+            out.append(f"built for a {c.target_num_layers}-layer target, this one has {tc.num_hidden_layers} layers")
+        if c.target_model_type and c.target_model_type != target_config.model_type:
+            out.append(f"built for model type {c.target_model_type!r}, target is {target_config.model_type!r}")
+        return out
+
+    # ---- persistence --------------------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+        (path / CONFIG_NAME).write_text(self.config.to_json() + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, target: nn.Module | None = None) -> "Drafter":
+        """Load config + safetensors weights; never unpickles. Binds to `target` when given (checking it matches)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"drafter directory {str(path)!r} does not exist")
+        cfg_file, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
+        if not weights.is_file():
+            pickles = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+            if pickles:
+                raise ValueError(
+                    f"drafter in {str(path)!r} is saved only as a pickle ({', '.join(pickles)}); mmspec loads "
+                    f"safetensors only, because unpickling can run arbitrary code. Convert it once with "
+                    f"safetensors.torch.save_file(torch.load(file, weights_only=True), '{WEIGHTS_NAME}')"
+                )
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} in drafter directory {str(path)!r}")
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {str(path)!r}: not a directory written by Drafter.save_pretrained")
+        try:
+            config = DrafterConfig.from_dict(json.loads(cfg_file.read_text()))
+        except (json.JSONDecodeError, TypeError, KeyError) as e:
+            raise ValueError(f"{cfg_file} is not a valid mmspec drafter config: {e}") from None
+        drafter = cls(config)
+        state = load_file(str(weights))
+        missing, unexpected = drafter.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"drafter weights in {str(weights)!r} do not fit its config: missing {missing}, unexpected {unexpected}")
+        if target is not None:
+            drafter.bind(target)
+        return drafter
+
+    # ---- compute ------------------------------------------------------------------------------------------------
+    @property
+    def embed_tokens(self) -> nn.Module:
+        if self._shared is None:
+            raise RuntimeError("drafter is not bound to a target; call drafter.bind(target) first")
+        return self._shared[0]
+
+    @property
+    def lm_head(self) -> nn.Module:
+        if self._shared is None:
+            raise RuntimeError("drafter is not bound to a target; call drafter.bind(target) first")
+        return self._shared[1]
+
+    def fuse(self, hidden_states: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
+        """Target hidden states (each [..., H], indexed like transformers' `hidden_states`) -> drafter feature [..., H]."""
+        feats = [hidden_states[i] for i in self.config.feature_layers]
+        if self.fc is None:
+            return feats[0].to(self.q_proj.weight.dtype)
+        return self.fc(torch.cat(feats, dim=-1).to(self.fc.weight.dtype))
+
+    def forward(
+        self, token_ids: Tensor, features: Tensor, positions: Tensor, mask: Tensor | None, kv: DraftKV | None
+    ) -> Tensor:
+        """One drafter step over n new pairs.
+
+        token_ids: [B, n] tokens t_{j+1};  features: [B, n, H] fused features f_j;  positions: [B, n] target positions
+        of the tokens;  mask: [B or 1, n, past + n] bool (True = attend) or None for causal without a cache.
+        Returns [B, n, H]: the predicted feature at each token's position.
+        """
+        c = self.config
+        b, n = token_ids.shape
+        emb = self.embed_tokens(token_ids).to(features.dtype)
+        x = torch.cat([self.input_norm(emb), self.hidden_norm(features)], dim=-1)
+        q = self.q_proj(x).view(b, n, c.num_attention_heads, c.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        freqs = positions[..., None].float() * self.inv_freq  # [B, n, hd/2]
+        ang = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, n, hd]
+        cos, sin = ang.cos().to(q.dtype), ang.sin().to(q.dtype)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        if kv is not None:
+            k, v = kv.append(k, v)
+        attn = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=None if mask is None else mask[:, None],
+            is_causal=mask is None,
+            enable_gqa=c.num_key_value_heads != c.num_attention_heads,
+        )
+        h = features + self.o_proj(attn.transpose(1, 2).reshape(b, n, -1))
+        y = self.post_norm(h)
+        return h + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y))
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """[..., H] predicted features -> [..., V] draft logits through the target's LM head."""
+        head = self.lm_head
+        return head(self.norm(hidden).to(head.weight.dtype))

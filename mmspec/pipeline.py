@@ -1,0 +1,222 @@
+"""The public entry point: `mmspec.load(...)` -> Pipeline with prepare / generate / stream."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer, BatchFeature
+
+from .adapters import Adapter, adapter_for
+from .config import SamplingConfig, TreeConfig, check_max_new_tokens
+from .drafter import Drafter
+from .engine import Stats, StepEvent, decode
+from .images import load_images
+from .proposer import EagleProposer, NullProposer
+from .registry import BUILTIN_DRAFTERS, BUILTIN_TARGETS, builtin_path
+from .target import TargetRunner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # new tokens only
+    stats: Stats
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    text: str  # decoded text added by this step
+    token_ids: tuple[int, ...]  # tokens committed by this step
+    num_accepted: int  # drafted tokens the target accepted this step
+    stats: Stats  # running totals
+
+
+def _resolve_dir(name: str | os.PathLike, what: str) -> tuple[Path, bool]:
+    """-> (directory, is_builtin). A built-in name, a local directory, or a Hugging Face id already in the local cache."""
+    name_s = str(name)
+    if name_s in BUILTIN_TARGETS or name_s in BUILTIN_DRAFTERS or name_s == "mini-vlm-assistant":
+        return builtin_path(name_s), True
+    path = Path(name_s).expanduser()
+    if path.is_dir():
+        return path, False
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_s, local_files_only=True)), False
+    except Exception:  # noqa: BLE001 - any hub failure means "not available offline"; we say so below
+        raise FileNotFoundError(
+            f"{what} {name_s!r} is not a built-in name ({', '.join(sorted(BUILTIN_TARGETS))}), a local directory, or a "
+            f"Hugging Face id in the local cache (mmspec never downloads)"
+        ) from None
+
+
+def load(
+    target: str | os.PathLike,
+    drafter: str | os.PathLike | Drafter | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    tree: TreeConfig = TreeConfig(),
+    device_map: str | dict | None = None,
+) -> "Pipeline":
+    """Load a target (and its drafter) ready for speculative decoding.
+
+    drafter: None -> the drafter shipped with a built-in target; a directory from Drafter.save_pretrained; a built-in
+    drafter name; a Drafter instance; or "untrained" (random init, for experiments). device_map="auto" shards a large
+    target across devices through accelerate; the drafter then sits with the LM head.
+    """
+    if not isinstance(tree, TreeConfig):
+        raise TypeError(f"tree must be a mmspec.TreeConfig, got {type(tree).__name__}")
+    if device_map is None:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        dtype = getattr(torch, dtype)
+    if dtype is None:
+        on_gpu = device_map is not None or device.type == "cuda"
+        dtype = torch.bfloat16 if on_gpu else torch.float32
+
+    target_name = str(target)
+    path, builtin = _resolve_dir(target, "target")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    adapter = adapter_for(config)
+    placement = {"device_map": device_map} if device_map is not None else {}
+    model = adapter.auto_class.from_pretrained(
+        path, dtype=dtype, attn_implementation="sdpa", local_files_only=True, **placement
+    )
+    if device_map is None:
+        model.to(device)
+    model.eval()
+    loader = AutoProcessor if adapter.multimodal else AutoTokenizer
+    processor = loader.from_pretrained(path, local_files_only=True)
+
+    drafter_obj = _load_drafter(drafter, model, target_name, builtin)
+    return Pipeline(model, processor, adapter, drafter_obj, tree)
+
+
+def _load_drafter(drafter: Any, model, target_name: str, builtin: bool) -> Drafter | None:
+    if drafter is None:
+        if not builtin:
+            raise ValueError(
+                f"target {target_name!r} has no built-in drafter: pass drafter=<directory saved by "
+                f"Drafter.save_pretrained>, a built-in drafter name ({', '.join(sorted(BUILTIN_DRAFTERS))}), or "
+                f"'untrained'; train one with `mmspec train-drafter`"
+            )
+        drafter = BUILTIN_TARGETS[target_name]
+    if isinstance(drafter, Drafter):
+        d = drafter.bind(model)
+    elif str(drafter) == "untrained":
+        logger.warning("using an untrained (random) drafter: output is still exact, but almost nothing gets accepted")
+        d = Drafter.for_target(model)
+    else:
+        path, _ = _resolve_dir(drafter, "drafter")
+        d = Drafter.from_pretrained(path)
+        d.bind(model)
+    head = model.get_output_embeddings().weight
+    return d.to(device=head.device, dtype=head.dtype).eval()
+
+
+class Pipeline:
+    def __init__(self, target, processor, adapter: Adapter, drafter: Drafter | None, tree: TreeConfig) -> None:
+        self.target = target
+        self.processor = processor
+        self.adapter = adapter
+        self.drafter = drafter
+        self.tree = tree
+        self.runner = TargetRunner(target, adapter)
+        self.device = self.runner.device
+        gen = target.generation_config
+        eos = gen.eos_token_id if gen is not None else None
+        self.stop_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    def prepare(self, prompt: str | list, images: Any = None) -> BatchFeature:
+        """The exact inputs fed to the target: chat template applied, images processed, on the target's device."""
+        if not isinstance(prompt, (str, list)):
+            raise TypeError(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+        inputs = self.adapter.prepare(self.processor, prompt, load_images(images))
+        inputs = inputs.to(self.device)
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in inputs and inputs[key].is_floating_point():
+                inputs[key] = inputs[key].to(self.target.dtype)
+        return inputs
+
+    def _events(
+        self,
+        prompt: str | list,
+        images: Any,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        speculative: bool = True,
+    ) -> Iterator[StepEvent]:
+        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+        check_max_new_tokens(max_new_tokens)
+        if speculative and self.drafter is None:
+            raise ValueError("speculative=True needs a drafter; load one or pass speculative=False")
+        inputs = self.prepare(prompt, images)
+        self._check_context(inputs["input_ids"].shape[1], max_new_tokens)
+        generator = torch.Generator(device=self.device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(int(seed))
+        use_tree = speculative and self.tree.total_tokens > 1
+        proposer = EagleProposer(self.drafter, self.tree) if use_tree else NullProposer()
+        positions, next_pos = self.adapter.prompt_positions(self.target, inputs)
+        return decode(self.runner, proposer, inputs, positions, next_pos, sampling, max_new_tokens, self.stop_ids, generator)
+
+    def stream(self, prompt: str | list, images: Any = None, **kwargs) -> Iterator[StreamEvent]:
+        """One event per verify step with the text it added. Keyword arguments as for `generate`."""
+        tokens: list[int] = []
+        text = ""
+        for ev in self._events(prompt, images, **kwargs):
+            tokens.extend(ev.token_ids)
+            full = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            yield StreamEvent(full[len(text) :], ev.token_ids, ev.num_accepted, ev.stats)
+            text = full
+
+    def generate(
+        self,
+        prompt: str | list,
+        images: Any = None,
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        speculative: bool = True,
+    ) -> GenerationResult:
+        """Run to the end. At temperature 0 the tokens equal target.generate(**prepare(...), do_sample=False); above it
+        they are distributed as the target's samples under the same temperature / top_k / top_p warp."""
+        tokens: list[int] = []
+        stats = Stats()
+        events = self._events(prompt, images, max_new_tokens, temperature, top_p, top_k, seed, speculative)
+        for ev in events:  # no per-step text decoding here, so wall time is the engine's own
+            tokens.extend(ev.token_ids)
+            stats = ev.stats
+        return GenerationResult(self.tokenizer.decode(tokens, skip_special_tokens=True), tokens, stats)
+
+    def _check_context(self, prompt_len: int, max_new_tokens: int) -> None:
+        ctx = self.runner.max_context
+        if ctx and prompt_len >= ctx:
+            raise ValueError(f"the prompt has {prompt_len} tokens, more than the target's context of {ctx}; shorten it")
+        if ctx and prompt_len + max_new_tokens > ctx:
+            raise ValueError(
+                f"the prompt ({prompt_len} tokens) plus max_new_tokens={max_new_tokens} exceeds the target's context "
+                f"of {ctx} tokens; lower max_new_tokens to at most {ctx - prompt_len}"
+            )

@@ -1,0 +1,109 @@
+"""The draft tree: one frozen value that the proposer builds and the verifier reads.
+
+Node 0 is the root: the last committed token, which the target has not yet seen. Every other node is a drafted token whose
+parent comes earlier in the order (parents[i] < i), so index order is a topological order and a node's tree position is
+`depth`. The target sees the tree as a [T, T] ancestor mask appended to its causal prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class DraftTree:
+    tokens: Tensor  # [T] long, on the model's device
+    parents: Tensor  # [T] long, CPU; parents[0] == -1
+    depths: Tensor  # [T] long, CPU; depths[0] == 0
+    mask: Tensor  # [T, T] bool, on tokens.device; mask[i, j] is True when j is i or an ancestor of i
+    paths: Tensor  # [P, max_depth + 1] long, CPU; node indices of every root-to-leaf path, padded with -1
+
+    def __post_init__(self) -> None:
+        t = self.tokens.shape[0]
+        if self.tokens.dim() != 1 or t < 1:
+            raise ValueError(f"DraftTree.tokens must be a non-empty 1-D tensor, got shape {tuple(self.tokens.shape)}")
+        if self.parents.shape != (t,) or self.depths.shape != (t,) or self.mask.shape != (t, t):
+            raise ValueError(
+                f"DraftTree fields disagree on the node count {t}: parents {tuple(self.parents.shape)}, "
+                f"depths {tuple(self.depths.shape)}, mask {tuple(self.mask.shape)}"
+            )
+        if self.parents.device.type != "cpu" or self.depths.device.type != "cpu":
+            raise ValueError("DraftTree.parents and depths live on the CPU (the host walks them during acceptance)")
+        if int(self.parents[0]) != -1:
+            raise ValueError("DraftTree node 0 is the root and must have parent -1")
+        rest = self.parents[1:]
+        if bool(((rest < 0) | (rest >= torch.arange(1, t))).any()):
+            raise ValueError(f"DraftTree.parents must satisfy 0 <= parents[i] < i for i > 0, got {self.parents.tolist()}")
+
+    @property
+    def size(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def max_depth(self) -> int:
+        return self.paths.shape[1] - 1
+
+    @classmethod
+    def from_parents(cls, tokens: Tensor, parents: Tensor | list[int]) -> "DraftTree":
+        """Derive depths, ancestor mask and paths from the parent list; the one constructor everything goes through."""
+        parents = torch.as_tensor(parents, dtype=torch.long).cpu()
+        if parents.dim() != 1 or parents.numel() != tokens.numel():
+            raise ValueError(f"parents has {parents.numel()} entries but tokens has {tokens.numel()}")
+        t = parents.numel()
+        if t == 0 or int(parents[0]) != -1:
+            raise ValueError("DraftTree node 0 is the root and must have parent -1")
+        if bool(((parents[1:] < 0) | (parents[1:] >= torch.arange(1, t))).any()):
+            raise ValueError(f"DraftTree.parents must satisfy 0 <= parents[i] < i for i > 0, got {parents.tolist()}")
+        # Topological order lets one pass in index order fill depths and ancestor rows.
+        depths = torch.zeros(t, dtype=torch.long)
+        anc = torch.eye(t, dtype=torch.bool)
+        for i, p in enumerate(parents.tolist()[1:], start=1):
+            depths[i] = depths[p] + 1
+            anc[i] |= anc[p]
+        is_parent = torch.zeros(t, dtype=torch.bool)
+        is_parent[parents[1:]] = True
+        leaves = (~is_parent).nonzero().flatten()
+        paths = torch.full((leaves.numel(), int(depths.max()) + 1), -1, dtype=torch.long)
+        for row, leaf in enumerate(leaves.tolist()):
+            nodes = anc[leaf].nonzero().flatten()  # exactly one ancestor per depth, in index (= depth) order
+            paths[row, : nodes.numel()] = nodes
+        return cls(tokens=tokens.reshape(t), parents=parents, depths=depths, mask=anc.to(tokens.device), paths=paths)
+
+    @classmethod
+    def chain(cls, tokens: Tensor | list[int], device: torch.device | str | None = None) -> "DraftTree":
+        """A single path: root followed by drafted tokens (EAGLE-1 style chain, or a test oracle's guess)."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=device)
+        return cls.from_parents(tokens, torch.arange(-1, tokens.numel() - 1))
+
+    @classmethod
+    def root_only(cls, token: Tensor | int, device: torch.device | str | None = None) -> "DraftTree":
+        """No draft: verifying this tree is one plain autoregressive step."""
+        return cls.chain(torch.as_tensor([int(token)] if not isinstance(token, Tensor) else token.reshape(1)), device)
+
+
+def select_tree(root: Tensor, tokens: Tensor, parents: Tensor, scores: Tensor, total_tokens: int) -> DraftTree:
+    """EAGLE-2 rerank: keep the `total_tokens - 1` best drafted candidates by cumulative draft log-probability.
+
+    root:    [1] long, the committed token the tree hangs from
+    tokens:  [N] long, candidate tokens in generation order (every parent precedes its children)
+    parents: [N] long, index of each candidate's parent among the candidates, -1 for children of the root
+    scores:  [N] float, cumulative log-probability of the path root -> candidate
+
+    A child's score never exceeds its parent's (log p <= 0), and the stable sort breaks ties by generation order, which
+    puts parents first; so the kept set is always a connected subtree and no repair step is needed.
+    """
+    n = min(total_tokens - 1, tokens.numel())
+    order = torch.sort(scores, descending=True, stable=True).indices[:n]
+    keep = torch.sort(order).values.cpu()
+    cand_parents = parents.cpu()[keep]
+    new_index = torch.full((tokens.numel() + 1,), -1, dtype=torch.long)  # slot -1 maps the root
+    new_index[-1] = 0
+    new_index[keep] = torch.arange(1, n + 1)
+    tree_parents = new_index[cand_parents]
+    if bool((tree_parents < 0).any()):
+        raise AssertionError("select_tree kept a candidate without its parent: draft scores are not monotone")
+    tree_tokens = torch.cat([root.reshape(1), tokens[keep.to(tokens.device)]])
+    return DraftTree.from_parents(tree_tokens, torch.cat([torch.tensor([-1]), tree_parents]))
