@@ -67,6 +67,7 @@ class StepEvent:
     token_ids: tuple[int, ...]  # committed this step
     num_accepted: int  # drafted tokens accepted this step (0 for the prefill step and for autoregressive steps)
     tree_size: int  # tokens the target verified this step
+    finished: bool  # the last event of the run
     stats: Stats = field(compare=False)
 
 
@@ -100,8 +101,9 @@ def decode(
     stats.target_forwards = 1
     stats.new_tokens = 1
     stats.wall_s = time.perf_counter() - t0
-    yield StepEvent((token,), 0, inputs["input_ids"].shape[1], stats)
-    if token in stop_ids or max_new_tokens == 1:
+    finished = token in stop_ids or max_new_tokens == 1
+    yield StepEvent((token,), 0, inputs["input_ids"].shape[1], finished, stats)
+    if finished:
         return
 
     cache = pre.cache
@@ -136,7 +138,8 @@ def decode(
         stats.target_forwards += 1
         stats.new_tokens += len(committed)
         stats.wall_s = time.perf_counter() - t0
-        yield StepEvent(tuple(committed), min(acc.num_accepted, len(committed)), tree.size, stats)
-        if stop is not None or stats.new_tokens >= max_new_tokens:
+        finished = stop is not None or stats.new_tokens >= max_new_tokens
+        yield StepEvent(tuple(committed), min(acc.num_accepted, len(committed)), tree.size, finished, stats)
+        if finished:
             return
         root = torch.tensor([acc.bonus], device=dev)

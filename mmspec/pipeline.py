@@ -180,12 +180,17 @@ class Pipeline:
         return decode(self.runner, proposer, inputs, positions, next_pos, sampling, max_new_tokens, self.stop_ids, generator)
 
     def stream(self, prompt: str | list, images: Any = None, **kwargs) -> Iterator[StreamEvent]:
-        """One event per verify step with the text it added. Keyword arguments as for `generate`."""
+        """One event per verify step with the text it added. Keyword arguments as for `generate`.
+
+        Text that ends inside a multi-byte character (a byte-level BPE can split one) is held back until it completes,
+        so the pieces always concatenate to `generate(...).text`."""
         tokens: list[int] = []
         text = ""
         for ev in self._events(prompt, images, **kwargs):
             tokens.extend(ev.token_ids)
             full = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            if not ev.finished:
+                full = full.rstrip("\ufffd")
             yield StreamEvent(full[len(text) :], ev.token_ids, ev.num_accepted, ev.stats)
             text = full
 

@@ -1,0 +1,122 @@
+"""Layer 1: fixed tables for tree construction (DraftTree, EAGLE-2 rerank, the proposer's beam growth)."""
+
+import pytest
+import torch
+
+from mmspec import DraftTree, TreeConfig
+from mmspec.drafter import DraftKV
+from mmspec.proposer import EagleProposer, PromptContext
+from mmspec.tree import select_tree
+
+
+def test_from_parents_derives_depths_mask_and_paths():
+    #        0
+    #      /   \
+    #     1     2
+    #    / \    |
+    #   3   4   5
+    #   |
+    #   6
+    tree = DraftTree.from_parents(torch.arange(10, 17), [-1, 0, 0, 1, 1, 2, 3])
+    assert tree.depths.tolist() == [0, 1, 1, 2, 2, 2, 3]
+    assert tree.mask[6].nonzero().flatten().tolist() == [0, 1, 3, 6]
+    assert tree.mask[5].nonzero().flatten().tolist() == [0, 2, 5]
+    assert not tree.mask[1, 2] and not tree.mask[3, 4]
+    assert sorted(tree.paths.tolist()) == sorted([[0, 1, 3, 6], [0, 1, 4, -1], [0, 2, 5, -1]])
+    assert tree.max_depth == 3
+
+
+@pytest.mark.parametrize("parents", [[0, 0], [-1, 1], [-1, 2, 0], [-1, 0, -1]])
+def test_invalid_parents_are_refused(parents):
+    with pytest.raises(ValueError, match="parent"):
+        DraftTree.from_parents(torch.arange(len(parents)), parents)
+
+
+def test_frozen_tree_checks_field_shapes():
+    tree = DraftTree.chain([1, 2, 3])
+    with pytest.raises(ValueError, match="disagree"):
+        DraftTree(tree.tokens, tree.parents, tree.depths, tree.mask[:2], tree.paths)
+    with pytest.raises(Exception):
+        tree.tokens = torch.zeros(3)  # frozen
+
+
+def test_chain_and_root_only():
+    chain = DraftTree.chain([5, 6, 7])
+    assert chain.parents.tolist() == [-1, 0, 1] and chain.paths.tolist() == [[0, 1, 2]]
+    root = DraftTree.root_only(9)
+    assert root.size == 1 and root.paths.tolist() == [[0]]
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(depth=0), dict(top_k=-1), dict(total_tokens=0), dict(depth=1, top_k=2, total_tokens=4), dict(depth=1.5)]
+)
+def test_tree_config_validation(kw):
+    with pytest.raises(ValueError):
+        TreeConfig(**kw)
+
+
+def test_tree_presets():
+    assert TreeConfig.preset("gpu") == TreeConfig(depth=6, top_k=10, total_tokens=60)
+    with pytest.raises(ValueError, match="preset"):
+        TreeConfig.preset("huge")
+
+
+def test_select_tree_keeps_best_connected_subtree():
+    # candidates: depth 1: a(0) b(1); depth 2 children of a: c(2) d(3), of b: e(4)
+    tokens = torch.tensor([10, 11, 12, 13, 14])
+    parents = torch.tensor([-1, -1, 0, 0, 1])
+    scores = torch.tensor([-0.1, -1.0, -0.3, -2.0, -1.2])
+    tree = select_tree(torch.tensor([99]), tokens, parents, scores, total_tokens=4)
+    assert tree.tokens.tolist() == [99, 10, 11, 12]  # a, b, c: the three best, in generation order
+    assert tree.parents.tolist() == [-1, 0, 0, 1]
+
+
+def test_select_tree_ties_keep_parents_first():
+    # logits of +-100 give log-probs of exactly 0: child scores tie with their parents
+    tokens = torch.tensor([1, 2, 3, 4])
+    parents = torch.tensor([-1, -1, 0, 2])
+    scores = torch.tensor([0.0, -200.0, 0.0, 0.0])
+    tree = select_tree(torch.tensor([0]), tokens, parents, scores, total_tokens=4)
+    assert tree.tokens.tolist() == [0, 1, 3, 4] and tree.parents.tolist() == [-1, 0, 1, 2]
+
+
+class BigramDrafter:
+    """A stand-in drafter whose draft logits depend only on the current token: table[token] (+-100 entries)."""
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table
+        self.q_proj = torch.nn.Linear(1, 1)
+        self.calls = 0
+
+    def fuse(self, hidden_states):
+        return hidden_states[-1]
+
+    def __call__(self, token_ids, features, positions, mask, kv: DraftKV):
+        self.calls += 1
+        b, n = token_ids.shape
+        assert mask.shape == (1, n, kv.length + n)
+        kv.append(torch.zeros(b, 1, n, 1), torch.zeros(b, 1, n, 1))
+        return torch.nn.functional.one_hot(token_ids, self.table.shape[0]).float()
+
+    def logits(self, hidden):
+        return self.table[hidden.argmax(-1)]
+
+
+def test_eagle_proposer_grows_the_expected_tree():
+    v = 8
+    table = torch.full((v, v), -100.0)
+    # from every token t: best next is t+1, second best t+2 (mod v)
+    for t in range(v):
+        table[t, (t + 1) % v] = 100.0
+        table[t, (t + 2) % v] = 99.0
+    drafter = BigramDrafter(table)
+    prop = EagleProposer(drafter, TreeConfig(depth=3, top_k=2, total_tokens=6))
+    prompt = PromptContext(torch.tensor([0, 1]), torch.arange(2), (torch.zeros(1, 2, v),))
+    prop.start(prompt, first_token=2, first_pos=2)
+    tree = prop.propose(torch.tensor([2]), root_pos=2)
+    assert drafter.calls == 3 and prop.kv.length == 2  # drafted slots cropped back to the committed pairs
+    # depth 1: 3 (score 0), 4 (-1); depth 2 from 3: 4 (0), 5 (-1); from 4: 5 (-1), 6 (-2) -> beam {3->4, 3->5}
+    # depth 3 from 3->4: 5 (0), 6 (-1); rerank keeps 5 best: 3, 4, 3->4, 3->4->5, then the -1 ties in generation order.
+    assert tree.tokens.tolist() == [2, 3, 4, 4, 5, 5]
+    assert tree.parents.tolist() == [-1, 0, 0, 1, 1, 3]
+    assert tree.depths.tolist() == [0, 1, 1, 2, 2, 3]
