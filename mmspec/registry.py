@@ -23,3 +23,11 @@ def builtin_path(name: str) -> Path:
 
 def is_builtin(name: str) -> bool:
     return name in BUILTIN_TARGETS or name in BUILTIN_DRAFTERS or name in BUILTIN_ASSISTANTS
+
+
+def sample_image_path() -> Path:
+    """The bundled sample scene used when `mmspec caption` gets no image."""
+    path = Path(__file__).parent / "assets" / "sample_scene.png"
+    if not path.is_file():
+        raise FileNotFoundError(f"the bundled sample image is missing ({path}); rebuild with `{REBUILD}`")
+    return path

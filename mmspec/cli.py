@@ -1,0 +1,185 @@
+"""`mmspec` command line. Every subcommand is a thin layer over the library; a bad argument or unreadable input exits
+with status 2 and one line on stderr, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError, NotImplementedError, OSError)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, status 2 (argparse's default prints the whole usage)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _nonneg_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {s!r}")
+    return v
+
+
+def _add_model_args(p: argparse.ArgumentParser, drafter: bool = True) -> None:
+    p.add_argument("--target", default="mini-vlm", help="built-in name, local directory, or cached Hugging Face id")
+    if drafter:
+        p.add_argument("--drafter", default=None, help="drafter directory or built-in name (default: the target's own)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--tree", default=None, help="tree preset: chain, cpu, default, gpu (default: cpu on CPU, gpu on CUDA)")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="mmspec", description="Multimodal speculative decoding (EAGLE-style trees, ViSpec drafters).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    cap = sub.add_parser("caption", help="caption or answer about images, optionally comparing with plain decoding")
+    cap.add_argument("images", nargs="*", help="image files (default: a bundled sample scene for built-in targets)")
+    cap.add_argument("--prompt", default="Describe the image in detail.")
+    _add_model_args(cap)
+    cap.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    cap.add_argument("--temperature", type=_nonneg_float, default=0.0)
+    cap.add_argument("--top-p", type=float, default=1.0)
+    cap.add_argument("--top-k", type=int, default=0)
+    cap.add_argument("--seed", type=int, default=None)
+    cap.add_argument("--compare", action="store_true", help="also decode without drafting; print speeds and a match check")
+
+    bench = sub.add_parser("bench", help="compare autoregressive, hf_assisted, eagle and vispec decoding")
+    _add_model_args(bench, drafter=False)
+    bench.add_argument("--n", type=_positive_int, default=8, help="number of held-out prompts")
+    bench.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    bench.add_argument("--temperature", type=_nonneg_float, default=0.0)
+    bench.add_argument("--methods", default=None, help="comma-separated subset of methods to run")
+    bench.add_argument("--json", type=Path, default=None, help="write the results here")
+
+    tr = sub.add_parser("train-drafter", help="train a drafter for a target on JSONL conversations")
+    tr.add_argument("--target", required=True)
+    tr.add_argument("--data", type=Path, required=True)
+    tr.add_argument("--out", type=Path, required=True)
+    tr.add_argument("--vision-adaptor", action=argparse.BooleanOptionalAction, default=True)
+    tr.add_argument("--fusion", choices=["multi_layer", "last"], default="multi_layer")
+    tr.add_argument("--num-queries", type=_positive_int, default=2)
+    tr.add_argument("--epochs", type=_positive_int, default=1)
+    tr.add_argument("--max-steps", type=_positive_int, default=None)
+    tr.add_argument("--batch-size", type=_positive_int, default=8)
+    tr.add_argument("--grad-accum", type=_positive_int, default=1)
+    tr.add_argument("--lr", type=float, default=3e-4)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--ttt-steps", type=_positive_int, default=3, help="training-time-test unroll depth (EAGLE-3)")
+    tr.add_argument("--eval-fraction", type=float, default=0.05)
+    tr.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
+    tr.add_argument("--save-every", type=_positive_int, default=200)
+    tr.add_argument("--max-length", type=_positive_int, default=1024)
+
+    ex = sub.add_parser("export-drafter", help="write a drafter in another engine's checkpoint layout")
+    ex.add_argument("drafter", type=Path)
+    ex.add_argument("--format", required=True, choices=["eagle3"])
+    ex.add_argument("--out", type=Path, required=True)
+    ex.add_argument("--drop-vision-adaptor", action="store_true")
+    return parser
+
+
+def _tree(args, device) -> "object":
+    from .config import TreeConfig
+
+    if args.tree:
+        return TreeConfig.preset(args.tree)
+    return TreeConfig.preset("gpu" if str(device).startswith("cuda") else "cpu")
+
+
+def cmd_caption(args) -> int:
+    import torch
+
+    from . import load
+    from .registry import BUILTIN_TARGETS, sample_image_path
+
+    images = [str(p) for p in args.images]
+    if not images:
+        if args.target not in BUILTIN_TARGETS:
+            raise ValueError("give one or more IMAGE files (the bundled sample scene is for built-in targets only)")
+        images = [str(sample_image_path())]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load(args.target, args.drafter, device=device, dtype=args.dtype, tree=_tree(args, device))
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+              seed=args.seed)
+    pipe.generate(args.prompt, images, **{**kw, "max_new_tokens": 4})  # warm-up: first-call allocations off the clock
+    res = pipe.generate(args.prompt, images, **kw)
+    print(res.text)
+    s = res.stats
+    print(f"[speculative] {s.new_tokens} tokens, {s.tokens_per_s:.1f} tok/s, tau {s.mean_accepted:.2f}", file=sys.stderr)
+    if args.compare:
+        ar = pipe.generate(args.prompt, images, **kw, speculative=False)
+        same = ar.token_ids == res.token_ids
+        speedup = s.tokens_per_s / ar.stats.tokens_per_s if ar.stats.tokens_per_s else float("nan")
+        print(
+            f"speculative {s.tokens_per_s:8.1f} tok/s   autoregressive {ar.stats.tokens_per_s:8.1f} tok/s   "
+            f"speedup {speedup:.2f}x   tau {s.mean_accepted:.2f}   outputs match: "
+            + ("yes" if same else ("no (sampling: runs differ by design)" if args.temperature > 0 else "NO")),
+        )
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    methods = args.methods.split(",") if args.methods else None
+    report = run_bench(args.target, n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       device=args.device, dtype=args.dtype, tree_preset=args.tree, methods=methods)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import train_from_args
+
+    train_from_args(args)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_eagle3
+
+    export_eagle3(args.drafter, args.out, drop_vision_adaptor=args.drop_vision_adaptor)
+    print(f"wrote {args.out}")
+    return 0
+
+
+COMMANDS = {"caption": cmd_caption, "bench": cmd_bench, "train-drafter": cmd_train, "export-drafter": cmd_export}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"mmspec {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
