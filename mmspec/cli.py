@@ -109,6 +109,7 @@ def cmd_caption(args) -> int:
     import torch
 
     from . import load
+    from .images import load_images
     from .registry import BUILTIN_TARGETS, sample_image_path
 
     images = [str(p) for p in args.images]
@@ -116,6 +117,7 @@ def cmd_caption(args) -> int:
         if args.target not in BUILTIN_TARGETS:
             raise ValueError("give one or more IMAGE files (the bundled sample scene is for built-in targets only)")
         images = [str(sample_image_path())]
+    images = load_images(images)  # read and check every image before spending time on loading models
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load(args.target, args.drafter, device=device, dtype=args.dtype, tree=_tree(args, device))
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -171,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     try:
         return COMMANDS[args.command](args)
     except USER_ERRORS as e:

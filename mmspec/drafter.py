@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .vision import VisionAdaptor
+
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "mmspec_drafter.json"
@@ -43,6 +45,7 @@ class DrafterConfig:
     target_model_type: str = ""
     vision_adaptor: bool = False
     num_queries: int = 2
+    image_token_id: int | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -127,6 +130,16 @@ class Drafter(nn.Module):
         self.up_proj = nn.Linear(h, c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, h, bias=False)
         self.norm = nn.RMSNorm(h, eps=c.rms_norm_eps)
+        self.vision: VisionAdaptor | None = None
+        self.inject: nn.Linear | None = None
+        if c.vision_adaptor:
+            self.vision = VisionAdaptor(h, c.num_attention_heads, c.num_queries, c.rms_norm_eps)
+            # ViSpec: [feature | image vector] -> H, initialised to pass the feature through unchanged ([I | 0]), so an
+            # untrained adaptor starts from exactly the text-only drafter.
+            self.inject = nn.Linear(2 * h, h, bias=False)
+            with torch.no_grad():
+                self.inject.weight.zero_()
+                self.inject.weight[:, :h].copy_(torch.eye(h))
         self.register_buffer("inv_freq", 1.0 / (c.rope_theta ** (torch.arange(0, hd, 2).float() / hd)), persistent=False)
         # The target's embedding and LM head, borrowed (never saved); a tuple keeps them out of this module's state.
         self._shared: tuple[nn.Module, nn.Module] | None = None
@@ -136,16 +149,22 @@ class Drafter(nn.Module):
     def for_target(
         cls,
         model_or_config,
-        vision_adaptor: bool = False,
+        vision_adaptor: bool = True,
         num_queries: int = 2,
         fusion: str = "multi_layer",
         feature_layers: tuple[int, ...] | None = None,
     ) -> "Drafter":
         """An untrained drafter sized to the target (a transformers model or its config)."""
-        if vision_adaptor:
-            raise NotImplementedError("the ViSpec vision adaptor is not implemented yet; use vision_adaptor=False")
         model = model_or_config if isinstance(model_or_config, nn.Module) else None
         config = model.config if model is not None else model_or_config
+        image_token_id = next(
+            (int(v) for k in ("image_token_id", "image_token_index") if (v := getattr(config, k, None)) is not None), None
+        )
+        if vision_adaptor and image_token_id is None:
+            raise ValueError(
+                f"vision_adaptor=True needs a target with an image token; {config.model_type!r} has none "
+                f"(use vision_adaptor=False for text-only targets)"
+            )
         tc = config.get_text_config()
         n_layers = tc.num_hidden_layers
         heads = tc.num_attention_heads
@@ -164,6 +183,7 @@ class Drafter(nn.Module):
             target_model_type=config.model_type,
             vision_adaptor=vision_adaptor,
             num_queries=num_queries,
+            image_token_id=image_token_id,
         )
         drafter = cls(config_obj)
         if model is not None:
@@ -251,39 +271,67 @@ class Drafter(nn.Module):
             return feats[0].to(self.q_proj.weight.dtype)
         return self.fc(torch.cat(feats, dim=-1).to(self.fc.weight.dtype))
 
-    def forward(
-        self, token_ids: Tensor, features: Tensor, positions: Tensor, mask: Tensor | None, kv: DraftKV | None
-    ) -> Tensor:
-        """One drafter step over n new pairs.
+    def inputs(
+        self, token_ids: Tensor, features: Tensor, embeds: Tensor | None = None, image_vec: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """-> (x [B, n, 2H] attention input, residual [B, n, H]).
 
-        token_ids: [B, n] tokens t_{j+1};  features: [B, n, H] fused features f_j;  positions: [B, n] target positions
-        of the tokens;  mask: [B or 1, n, past + n] bool (True = attend) or None for causal without a cache.
-        Returns [B, n, H]: the predicted feature at each token's position.
-        """
+        token_ids [B, n]; features [B, n, H] fused features; embeds [B, n, H] optional embeddings that replace the
+        token embeddings (the adaptor's image slots); image_vec [B, n or 1, H] the global image vector in force."""
+        emb = self.embed_tokens(token_ids).to(features.dtype) if embeds is None else embeds.to(features.dtype)
+        if self.inject is not None:
+            vec = features.new_zeros(()) if image_vec is None else image_vec.to(features.dtype)
+            features = self.inject(torch.cat([features, vec.expand_as(features)], dim=-1))
+        return torch.cat([self.input_norm(emb), self.hidden_norm(features)], dim=-1), features
+
+    def qkv(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """[B, n, 2H] inputs, [B, n] positions -> rotated q [B, heads, n, hd], k and v [B, kv_heads, n, hd]."""
         c = self.config
-        b, n = token_ids.shape
-        emb = self.embed_tokens(token_ids).to(features.dtype)
-        x = torch.cat([self.input_norm(emb), self.hidden_norm(features)], dim=-1)
+        b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, c.num_attention_heads, c.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, c.num_key_value_heads, c.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, c.num_key_value_heads, c.head_dim).transpose(1, 2)
         freqs = positions[..., None].float() * self.inv_freq  # [B, n, hd/2]
         ang = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, n, hd]
         cos, sin = ang.cos().to(q.dtype), ang.sin().to(q.dtype)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        if kv is not None:
-            k, v = kv.append(k, v)
-        attn = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=None if mask is None else mask[:, None],
-            is_causal=mask is None,
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """mask [B or 1, n, kv] bool (True = attend), or None for plain causal -> [B, n, heads * hd]."""
+        c = self.config
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if mask is None else mask[:, None], is_causal=mask is None,
             enable_gqa=c.num_key_value_heads != c.num_attention_heads,
         )
-        h = features + self.o_proj(attn.transpose(1, 2).reshape(b, n, -1))
+        return out.transpose(1, 2).flatten(2)
+
+    def finish(self, residual: Tensor, attn: Tensor) -> Tensor:
+        """Output projection and MLP -> [B, n, H] predicted features."""
+        h = residual + self.o_proj(attn)
         y = self.post_norm(h)
         return h + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y))
+
+    def forward(
+        self,
+        token_ids: Tensor,
+        features: Tensor,
+        positions: Tensor,
+        mask: Tensor | None,
+        kv: DraftKV | None,
+        embeds: Tensor | None = None,
+        image_vec: Tensor | None = None,
+    ) -> Tensor:
+        """One drafter step over n new pairs (feature f_j, token t_{j+1}).
+
+        token_ids: [B, n];  features: [B, n, H] fused features;  positions: [B, n] target positions of the tokens;
+        mask: [B or 1, n, past + n] bool (True = attend), or None for causal without a cache.
+        Returns [B, n, H]: the predicted feature at each token's position.
+        """
+        x, residual = self.inputs(token_ids, features, embeds, image_vec)
+        q, k, v = self.qkv(x, positions)
+        if kv is not None:
+            k, v = kv.append(k, v)
+        return self.finish(residual, self.attend(q, k, v, mask))
 
     def logits(self, hidden: Tensor) -> Tensor:
         """[..., H] predicted features -> [..., V] draft logits through the target's LM head."""

@@ -94,7 +94,7 @@ def decode(
     dev = runner.device
     t0 = time.perf_counter()
     want_hidden = proposer.needs_features
-    pre = runner.prefill(inputs, want_hidden)
+    pre = runner.prefill(inputs, want_hidden, getattr(proposer, "needs_embeds", False))
     token = sample_token(pre.logits, sampling, generator)
     _sync(dev)
     stats.prefill_s = time.perf_counter() - t0
@@ -108,7 +108,8 @@ def decode(
 
     cache = pre.cache
     past = inputs["input_ids"].shape[1]
-    prompt = PromptContext(inputs["input_ids"][0], prompt_positions, pre.hidden_states)
+    embeds = None if pre.input_embeds is None else pre.input_embeds[0]
+    prompt = PromptContext(inputs["input_ids"][0], prompt_positions, pre.hidden_states, embeds)
     proposer.start(prompt, token, next_pos)
     del pre, prompt
     accept = accept_greedy if sampling.greedy else (lambda tr, lg: accept_sampling(tr, lg, sampling, generator))

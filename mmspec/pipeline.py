@@ -115,7 +115,10 @@ def _load_drafter(drafter: Any, model, target_name: str, builtin: bool) -> Draft
         d = drafter.bind(model)
     elif str(drafter) == "untrained":
         logger.warning("using an untrained (random) drafter: output is still exact, but almost nothing gets accepted")
-        d = Drafter.for_target(model)
+        sees = getattr(model.config, "vision_config", None) is not None and any(
+            getattr(model.config, k, None) is not None for k in ("image_token_id", "image_token_index")
+        )
+        d = Drafter.for_target(model, vision_adaptor=sees)
     else:
         path, _ = _resolve_dir(drafter, "drafter")
         d = Drafter.from_pretrained(path)

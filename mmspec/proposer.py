@@ -18,6 +18,7 @@ from .config import TreeConfig
 from .drafter import DraftKV, Drafter
 from .tree import DraftTree, select_tree
 from .verify import Acceptance
+from .vision import plan_compression
 
 
 @dataclass
@@ -25,6 +26,43 @@ class PromptContext:
     input_ids: Tensor  # [n] long, the prompt as the target saw it
     positions: Tensor  # [n] long, 1-D target positions of the prompt tokens (the temporal/max row for M-RoPE)
     hidden_states: tuple[Tensor, ...] | None  # the target's hidden states over the prompt, each [1, n, H]
+    input_embeds: Tensor | None = None  # [n, H] the language model's input embeddings (image tokens = projector out)
+
+
+@dataclass
+class Pairs:
+    """Pairs (feature f_j, token t_{j+1}) confirmed by the target and not yet read by the drafter."""
+
+    features: Tensor  # [m, H] fused
+    tokens: Tensor  # [m]
+    positions: Tensor  # [m]
+    embeds: Tensor | None = None  # [m, H] replaces token embeddings (ViSpec image slots)
+    image_vec: Tensor | None = None  # [m, H] or [1, H] global image vector in force
+
+
+def prompt_pairs(drafter: Drafter, prompt: PromptContext, first_token: int, first_pos: int) -> tuple[Pairs, Tensor | None]:
+    """The prompt as drafter pairs, image tokens compressed when the drafter has a vision adaptor.
+    Returns the pairs and the global vector of the last image (in force for all generated text), or None."""
+    dev = prompt.input_ids.device
+    feats = drafter.fuse([h[0] for h in prompt.hidden_states])  # [n, H]: f_0 .. f_{n-1}
+    tokens = torch.cat([prompt.input_ids, torch.tensor([first_token], device=dev)])  # t_0 .. t_n
+    positions = torch.cat([prompt.positions.to(dev), torch.tensor([first_pos], device=dev)])
+    if drafter.vision is None:
+        return Pairs(feats, tokens[1:], positions[1:]), None
+    plan = plan_compression(tokens, drafter.config.image_token_id, drafter.vision.num_queries)
+    keep = plan.keep.to(dev)
+    kept_tokens = tokens[keep]
+    embeds = drafter.embed_tokens(kept_tokens).to(feats.dtype)
+    vec = feats.new_zeros(keep.numel(), feats.shape[-1])
+    last_vec = None
+    if plan.spans:
+        out = drafter.vision([prompt.input_embeds[s:e] for s, e in plan.spans])  # [I, nq, H]
+        slots, globals_ = out[:, :-1].flatten(0, 1), out[:, -1]
+        is_slot, has_img = plan.slot >= 0, plan.image_of >= 0
+        embeds[is_slot.to(dev)] = slots[plan.slot[is_slot].to(dev)].to(feats.dtype)
+        vec[has_img.to(dev)] = globals_[plan.image_of[has_img].to(dev)].to(feats.dtype)
+        last_vec = globals_[-1:].to(feats.dtype)
+    return Pairs(feats[keep - 1], kept_tokens, positions[keep], embeds, vec), last_vec
 
 
 class NullProposer:
@@ -52,37 +90,43 @@ class EagleProposer:
         self.tree = tree
         self.forwards_per_step = tree.depth
         self.kv = DraftKV()
-        # Pairs (feature f_j, token t_{j+1}) the target has confirmed but the drafter has not yet read.
-        self._pending: tuple[Tensor, Tensor, Tensor] | None = None
+        self._pending: Pairs | None = None
+        self._image_vec: Tensor | None = None  # [1, H] the last image's global vector, in force after the prompt
+        self._root_pos = 0
+
+    @property
+    def needs_embeds(self) -> bool:
+        return self.drafter.vision is not None
 
     def start(self, prompt: PromptContext, first_token: int, first_pos: int) -> None:
         self.kv = DraftKV()
-        dev = prompt.input_ids.device
-        feats = self.drafter.fuse([h[0] for h in prompt.hidden_states])  # [n, H]
-        tokens = torch.cat([prompt.input_ids[1:], torch.tensor([first_token], device=dev)])
-        positions = torch.cat([prompt.positions[1:], torch.tensor([first_pos], device=dev)])
-        self._pending = (feats, tokens, positions)
+        self._pending, self._image_vec = prompt_pairs(self.drafter, prompt, first_token, first_pos)
 
     def commit(self, tree: DraftTree, acceptance: Acceptance, hidden_states: tuple[Tensor, ...] | None) -> None:
-        path = acceptance.path.to(tree.tokens.device)
+        dev = tree.tokens.device
+        path = acceptance.path.to(dev)
         feats = self.drafter.fuse([h[0, path] for h in hidden_states])  # [n + 1, H]
-        tokens = torch.tensor(acceptance.tokens, device=tree.tokens.device)
-        root_pos = int(self._root_pos)
-        positions = torch.arange(root_pos + 1, root_pos + 1 + len(acceptance.tokens), device=tree.tokens.device)
-        self._pending = (feats, tokens, positions)
+        tokens = torch.tensor(acceptance.tokens, device=dev)
+        positions = torch.arange(self._root_pos + 1, self._root_pos + 1 + tokens.numel(), device=dev)
+        self._pending = Pairs(feats, tokens, positions, image_vec=self._image_vec)
 
     @torch.no_grad()
     def propose(self, root: Tensor, root_pos: int) -> DraftTree:
         d, cfg = self.drafter, self.tree
         self._root_pos = root_pos
-        feats, tokens, positions = self._pending
+        pend = self._pending
+        tokens = pend.tokens
         dev, k = tokens.device, cfg.top_k
+        vec = None if self._image_vec is None else self._image_vec[None]  # [1, 1, H]
         past = self.kv.length
         m = tokens.numel()
         # Catch up on the newly committed pairs; the last one (ending in the root) predicts depth 1.
         mask = torch.ones(m, past + m, dtype=torch.bool, device=dev)
         mask[:, past:] = torch.ones(m, m, dtype=torch.bool, device=dev).tril()
-        hidden = d(tokens[None], feats[None].to(d.q_proj.weight.dtype), positions[None], mask[None], self.kv)[0]
+        pend_vec = None if pend.image_vec is None else pend.image_vec[None]
+        pend_emb = None if pend.embeds is None else pend.embeds[None]
+        feats = pend.features[None].to(d.q_proj.weight.dtype)
+        hidden = d(tokens[None], feats, pend.positions[None], mask[None], self.kv, pend_emb, pend_vec)[0]
         committed = self.kv.length
         logp = torch.log_softmax(d.logits(hidden[-1]).float(), dim=-1)
         scores, beam_tokens = logp.topk(k)  # [k]
@@ -94,7 +138,7 @@ class EagleProposer:
         for depth in range(1, cfg.depth):
             pos = torch.full((1, k), root_pos + depth, device=dev)
             mask = torch.cat([torch.ones(k, committed, dtype=torch.bool, device=dev), anc], dim=1)
-            hidden = d(beam_tokens[None], beam_feats[None], pos, mask[None], self.kv)[0]  # [k, H]
+            hidden = d(beam_tokens[None], beam_feats[None], pos, mask[None], self.kv, image_vec=vec)[0]  # [k, H]
             logp = torch.log_softmax(d.logits(hidden).float(), dim=-1)
             top_lp, top_tok = logp.topk(k, dim=-1)  # [k, k]
             cum = (scores[:, None] + top_lp).flatten()

@@ -36,9 +36,46 @@ def cache_keep(cache: Cache, start: int, keep: Tensor) -> None:
 
 @dataclass
 class Prefill:
-    logits: Tensor  # [V] at the last prompt position
+    logits: Tensor  # [V] at the last prompt position ([n, V] with all_logits)
     hidden_states: tuple[Tensor, ...] | None  # each [1, n, H]
-    cache: Cache
+    cache: Cache | None
+    input_embeds: Tensor | None = None  # [1, n, H] what the language model received (image tokens = projector out)
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The decoder that receives the merged text + image embeddings."""
+    core = getattr(model, "model", model)
+    return getattr(core, "language_model", None) or core
+
+
+@torch.no_grad()
+def target_forward(model: nn.Module, inputs: dict, *, want_hidden: bool, want_embeds: bool, all_logits: bool,
+                   use_cache: bool = True) -> Prefill:
+    """The target's normal forward over a prompt, optionally capturing its language model's input embeddings through a
+    forward pre-hook (the generic way to see the projector outputs without knowing the family)."""
+    captured: dict[str, Tensor] = {}
+
+    def grab(_module, args, kwargs):
+        emb = kwargs.get("inputs_embeds")
+        if emb is not None:
+            captured["embeds"] = emb
+
+    hook = language_model(model).register_forward_pre_hook(grab, with_kwargs=True) if want_embeds else None
+    extra = {} if all_logits or "logits_to_keep" not in inspect.signature(model.forward).parameters else {"logits_to_keep": 1}
+    try:
+        out = model(**inputs, use_cache=use_cache, output_hidden_states=want_hidden, return_dict=True, **extra)
+    finally:
+        if hook is not None:
+            hook.remove()
+    embeds = captured.get("embeds")
+    if want_embeds and embeds is None:
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+    return Prefill(
+        logits=out.logits[0] if all_logits else out.logits[0, -1],
+        hidden_states=tuple(out.hidden_states) if want_hidden else None,
+        cache=out.past_key_values if use_cache else None,
+        input_embeds=embeds,
+    )
 
 
 class TreeMask:
@@ -83,14 +120,9 @@ class TargetRunner:
         text_cfg = model.config.get_text_config()
         self.max_context = int(getattr(text_cfg, "max_position_embeddings", 0) or 0)
         self.mask = TreeMask(model.config._attn_implementation, model.dtype, self.device)
-        self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
 
-    @torch.no_grad()
-    def prefill(self, inputs: dict, want_hidden: bool) -> Prefill:
-        extra = {"logits_to_keep": 1} if self._keep_arg else {}
-        out = self.model(**inputs, use_cache=True, output_hidden_states=want_hidden, return_dict=True, **extra)
-        hidden = tuple(out.hidden_states) if want_hidden else None
-        return Prefill(logits=out.logits[0, -1], hidden_states=hidden, cache=out.past_key_values)
+    def prefill(self, inputs: dict, want_hidden: bool, want_embeds: bool = False) -> Prefill:
+        return target_forward(self.model, inputs, want_hidden=want_hidden, want_embeds=want_embeds, all_logits=False)
 
     @torch.no_grad()
     def verify(self, tree: DraftTree, cache: Cache, past: int, root_pos: int, want_hidden: bool):

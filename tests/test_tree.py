@@ -83,6 +83,8 @@ def test_select_tree_ties_keep_parents_first():
 class BigramDrafter:
     """A stand-in drafter whose draft logits depend only on the current token: table[token] (+-100 entries)."""
 
+    vision = None
+
     def __init__(self, table: torch.Tensor):
         self.table = table
         self.q_proj = torch.nn.Linear(1, 1)
@@ -91,7 +93,7 @@ class BigramDrafter:
     def fuse(self, hidden_states):
         return hidden_states[-1]
 
-    def __call__(self, token_ids, features, positions, mask, kv: DraftKV):
+    def __call__(self, token_ids, features, positions, mask, kv: DraftKV, embeds=None, image_vec=None):
         self.calls += 1
         b, n = token_ids.shape
         assert mask.shape == (1, n, kv.length + n)
