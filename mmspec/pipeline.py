@@ -84,8 +84,16 @@ def load(
         on_gpu = device_map is not None or device.type == "cuda"
         dtype = torch.bfloat16 if on_gpu else torch.float32
 
+    model, processor, adapter = load_target(target, device=device, dtype=dtype, device_map=device_map)
     target_name = str(target)
-    path, builtin = _resolve_dir(target, "target")
+    builtin = target_name in BUILTIN_TARGETS
+    drafter_obj = _load_drafter(drafter, model, target_name, builtin)
+    return Pipeline(model, processor, adapter, drafter_obj, tree)
+
+
+def load_target(target: str | os.PathLike, *, device=None, dtype: torch.dtype = torch.float32, device_map=None):
+    """The unmodified transformers model, its processor (tokenizer for text-only models) and its adapter."""
+    path, _ = _resolve_dir(target, "target")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     adapter = adapter_for(config)
     placement = {"device_map": device_map} if device_map is not None else {}
@@ -93,13 +101,11 @@ def load(
         path, dtype=dtype, attn_implementation="sdpa", local_files_only=True, **placement
     )
     if device_map is None:
-        model.to(device)
+        model.to(device or "cpu")
     model.eval()
     loader = AutoProcessor if adapter.multimodal else AutoTokenizer
     processor = loader.from_pretrained(path, local_files_only=True)
-
-    drafter_obj = _load_drafter(drafter, model, target_name, builtin)
-    return Pipeline(model, processor, adapter, drafter_obj, tree)
+    return model, processor, adapter
 
 
 def _load_drafter(drafter: Any, model, target_name: str, builtin: bool) -> Drafter | None:

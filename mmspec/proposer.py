@@ -40,15 +40,19 @@ class Pairs:
     image_vec: Tensor | None = None  # [m, H] or [1, H] global image vector in force
 
 
-def prompt_pairs(drafter: Drafter, prompt: PromptContext, first_token: int, first_pos: int) -> tuple[Pairs, Tensor | None]:
-    """The prompt as drafter pairs, image tokens compressed when the drafter has a vision adaptor.
-    Returns the pairs and the global vector of the last image (in force for all generated text), or None."""
-    dev = prompt.input_ids.device
-    feats = drafter.fuse([h[0] for h in prompt.hidden_states])  # [n, H]: f_0 .. f_{n-1}
-    tokens = torch.cat([prompt.input_ids, torch.tensor([first_token], device=dev)])  # t_0 .. t_n
-    positions = torch.cat([prompt.positions.to(dev), torch.tensor([first_pos], device=dev)])
+def build_pairs(
+    drafter: Drafter, tokens: Tensor, positions: Tensor, feats: Tensor, input_embeds: Tensor | None
+) -> tuple[Pairs, Tensor, Tensor | None]:
+    """Tokens t_0..t_n with fused features f_0..f_{n-1} -> the drafter's pairs (f_{i-1}, t_i), image tokens compressed
+    when the drafter has a vision adaptor (input_embeds [>= n, H] then gives each image's target embeddings).
+
+    tokens, positions: [n + 1];  feats: [n, H].  Returns the pairs, the token index i of each pair [m], and the global
+    vector of the last image [1, H] (in force for everything after the prompt), or None.
+    """
+    dev = tokens.device
     if drafter.vision is None:
-        return Pairs(feats, tokens[1:], positions[1:]), None
+        keep = torch.arange(1, tokens.numel(), device=dev)
+        return Pairs(feats, tokens[1:], positions[1:]), keep, None
     plan = plan_compression(tokens, drafter.config.image_token_id, drafter.vision.num_queries)
     keep = plan.keep.to(dev)
     kept_tokens = tokens[keep]
@@ -56,13 +60,24 @@ def prompt_pairs(drafter: Drafter, prompt: PromptContext, first_token: int, firs
     vec = feats.new_zeros(keep.numel(), feats.shape[-1])
     last_vec = None
     if plan.spans:
-        out = drafter.vision([prompt.input_embeds[s:e] for s, e in plan.spans])  # [I, nq, H]
-        slots, globals_ = out[:, :-1].flatten(0, 1), out[:, -1]
-        is_slot, has_img = plan.slot >= 0, plan.image_of >= 0
-        embeds[is_slot.to(dev)] = slots[plan.slot[is_slot].to(dev)].to(feats.dtype)
-        vec[has_img.to(dev)] = globals_[plan.image_of[has_img].to(dev)].to(feats.dtype)
-        last_vec = globals_[-1:].to(feats.dtype)
-    return Pairs(feats[keep - 1], kept_tokens, positions[keep], embeds, vec), last_vec
+        out = drafter.vision([input_embeds[s:e] for s, e in plan.spans])  # [I, nq, H]
+        slots, globals_ = out[:, :-1].flatten(0, 1).to(feats.dtype), out[:, -1].to(feats.dtype)
+        is_slot, has_img = (plan.slot >= 0).to(dev), (plan.image_of >= 0).to(dev)
+        # index_put keeps the graph: the adaptor is trained through these slots and vectors
+        embeds = embeds.index_put((is_slot.nonzero().flatten(),), slots[plan.slot.to(dev)[is_slot]])
+        vec = vec.index_put((has_img.nonzero().flatten(),), globals_[plan.image_of.to(dev)[has_img]])
+        last_vec = globals_[-1:]
+    return Pairs(feats[keep - 1], kept_tokens, positions[keep], embeds, vec), keep, last_vec
+
+
+def prompt_pairs(drafter: Drafter, prompt: PromptContext, first_token: int, first_pos: int) -> tuple[Pairs, Tensor | None]:
+    """The prompt plus the first generated token as drafter pairs; see build_pairs."""
+    dev = prompt.input_ids.device
+    feats = drafter.fuse([h[0] for h in prompt.hidden_states])  # [n, H]: f_0 .. f_{n-1}
+    tokens = torch.cat([prompt.input_ids, torch.tensor([first_token], device=dev)])
+    positions = torch.cat([prompt.positions.to(dev), torch.tensor([first_pos], device=dev)])
+    pairs, _, last_vec = build_pairs(drafter, tokens, positions, feats, prompt.input_embeds)
+    return pairs, last_vec
 
 
 class NullProposer:

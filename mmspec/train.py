@@ -1,0 +1,427 @@
+"""Drafter training: the frozen target is the teacher, computed on the fly; one process or data-parallel via accelerate.
+
+Method (EAGLE-3 with the ViSpec adaptor):
+- Soft cross-entropy against the target's next-token distribution at every assistant position, plus, for
+  fusion="last", a smooth-L1 regression of the target's feature (EAGLE-1/2 need the feature itself; EAGLE-3's fused
+  space is learned, so it is trained through the token loss only).
+- Training-time test (EAGLE-3): the drafter is unrolled on its own outputs for `ttt_steps` steps. At step s the pair at
+  slot j reads the feature the drafter predicted at step s-1 for slot j-1 and attends to the real prefix up to j-s plus
+  its own chain of predicted slots, exactly what it sees at draft depth s + 1. Loss weight 0.8**s. This also covers
+  ViSpec's anti-shortcut self-rollout: the drafter cannot lean on copying target features it will not have.
+- Gaussian noise on the target features (EAGLE), scaled to the feature's RMS.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .drafter import CONFIG_NAME, WEIGHTS_NAME, Drafter
+from .proposer import build_pairs
+from .target import target_forward
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint"
+DEPTH_WEIGHT = 0.8
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    vision_adaptor: bool = True
+    fusion: str = "multi_layer"
+    num_queries: int = 2
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    seed: int = 0
+    ttt_steps: int = 3
+    noise: float = 0.05
+    eval_fraction: float = 0.05
+    mixed_precision: str = "no"
+    save_every: int = 200
+    max_length: int = 1024
+
+
+# ---- turning a conversation into teacher signals -------------------------------------------------------------------
+
+
+def encode_conversation(adapter, processor, conv) -> tuple[dict, Tensor]:
+    """-> (the target's inputs for the whole conversation, [n] bool mask of assistant tokens).
+
+    The mask comes from rendering growing prefixes with the target's own chat template: the tokens between "history +
+    generation prompt" and "history + answer" are the answer. That works for any template, with no template markers."""
+    from .images import load_images
+
+    images = load_images(list(conv.images))
+    msgs = list(conv.messages)
+
+    def render(messages, gen_prompt):
+        if adapter.multimodal:
+            messages = [dict(m) for m in messages]
+            first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+            messages[first_user] = {"role": "user", "content": adapter.messages(messages[first_user]["content"], len(images))[0]["content"]}
+        text = processor.apply_chat_template(messages, add_generation_prompt=gen_prompt, tokenize=False)
+        if adapter.multimodal:
+            return processor(text=text, images=images or None, return_tensors="pt")
+        return processor(text, return_tensors="pt", add_special_tokens=False)
+
+    full = render(msgs, False)
+    ids = full["input_ids"][0]
+    mask = torch.zeros(ids.numel(), dtype=torch.bool)
+    for k, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        start = render(msgs[:k], True)["input_ids"].shape[1]
+        end = render(msgs[: k + 1], False)["input_ids"].shape[1]
+        if not torch.equal(render(msgs[: k + 1], False)["input_ids"][0], ids[:end]):
+            raise ValueError(f"line {conv.line_no}: the chat template does not render this conversation prefix-stably")
+        mask[start:end] = True
+    return dict(full), mask
+
+
+@dataclass
+class Example:
+    tokens: Tensor  # [n]
+    positions: Tensor  # [n] 1-D target positions
+    features: list[Tensor]  # the drafter's feature layers, each [n, H], detached
+    input_embeds: Tensor | None  # [n, H]
+    teacher_logits: Tensor  # [n, V] the target's logits (row i predicts token i + 1)
+    assistant: Tensor  # [n] bool
+
+
+@torch.no_grad()
+def teach(model, adapter, processor, conv, feature_layers: tuple[int, ...], want_embeds: bool, max_length: int) -> Example:
+    inputs, mask = encode_conversation(adapter, processor, conv)
+    dev = model.get_output_embeddings().weight.device
+    inputs = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in inputs.items()}
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs and inputs[key].is_floating_point():
+            inputs[key] = inputs[key].to(model.dtype)
+    n = inputs["input_ids"].shape[1]
+    if n > max_length:
+        raise ValueError(f"line {conv.line_no}: {n} tokens, more than --max-length {max_length}")
+    out = target_forward(model, inputs, want_hidden=True, want_embeds=want_embeds, all_logits=True, use_cache=False)
+    positions, _ = adapter.prompt_positions(model, inputs)
+    return Example(
+        tokens=inputs["input_ids"][0],
+        positions=positions,
+        features=[out.hidden_states[i][0] for i in feature_layers],
+        input_embeds=None if out.input_embeds is None else out.input_embeds[0],
+        teacher_logits=out.logits,
+        assistant=mask.to(dev),
+    )
+
+
+# ---- the training objective ------------------------------------------------------------------------------------------
+
+
+class DraftObjective(nn.Module):
+    """Wraps the drafter so that one forward computes the whole unrolled loss (what DDP needs to sync gradients)."""
+
+    def __init__(self, drafter: Drafter, ttt_steps: int, noise: float) -> None:
+        super().__init__()
+        self.drafter = drafter
+        self.ttt_steps = ttt_steps
+        self.noise = noise
+
+    def _pairs(self, ex: Example, generator: torch.Generator | None):
+        d = self.drafter
+        fused = d.fuse(ex.features)  # [n, H]
+        feats = fused[:-1]
+        if self.training and self.noise > 0:
+            rms = feats.detach().pow(2).mean(-1, keepdim=True).sqrt()
+            feats = feats + torch.randn(feats.shape, generator=generator, device=feats.device, dtype=feats.dtype) * rms * self.noise
+        pairs, keep, _ = build_pairs(d, ex.tokens, ex.positions, feats, ex.input_embeds)
+        n = ex.tokens.numel()
+        label_ok = torch.zeros_like(keep, dtype=torch.bool)
+        inside = keep + 1 < n
+        label_ok[inside] = ex.assistant[keep[inside] + 1]
+        teacher = ex.teacher_logits[keep]
+        return pairs, teacher, label_ok, fused[keep].detach()
+
+    def forward(self, examples: list[Example], generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
+        d = self.drafter
+        built = [self._pairs(ex, generator) for ex in examples]
+        b, m = len(built), max(p.tokens.numel() for p, *_ in built)
+        h = d.config.hidden_size
+        dev = built[0][0].tokens.device
+        dtype = d.q_proj.weight.dtype
+
+        def pad(get, fill, shape=()):
+            out = torch.full((b, m, *shape), fill, device=dev, dtype=get(0).dtype)
+            for i in range(b):
+                x = get(i)
+                out[i, : x.shape[0]] = x
+            return out
+
+        tokens = pad(lambda i: built[i][0].tokens, 0)
+        positions = pad(lambda i: built[i][0].positions, 0)
+        feats = pad(lambda i: built[i][0].features.to(dtype), 0.0, (h,))
+        embeds = None if d.vision is None else pad(lambda i: built[i][0].embeds.to(dtype), 0.0, (h,))
+        vec = None if d.vision is None else pad(lambda i: built[i][0].image_vec.to(dtype), 0.0, (h,))
+        teacher = pad(lambda i: built[i][1].float(), 0.0, (built[0][1].shape[-1],))
+        label_ok = pad(lambda i: built[i][2], False)
+        reg_target = pad(lambda i: built[i][3].to(dtype), 0.0, (h,)) if d.config.fusion == "last" else None
+
+        teacher_lp = torch.log_softmax(teacher, dim=-1)
+        teacher_top = teacher.argmax(-1)
+        causal = torch.ones(m, m, dtype=torch.bool, device=dev).tril()
+        keys, values = [], []
+        total, weights, metrics = 0.0, 0.0, {}
+        step_feats = feats
+        for s in range(self.ttt_steps):
+            x, residual = d.inputs(tokens, step_feats, embeds, vec)
+            q, k, v = d.qkv(x, positions)
+            keys.append(k)
+            values.append(v)
+            # query j at step s: real prefix slots <= j - s, then its own chain: step t at slot j - s + t
+            blocks = [causal.roll(s, dims=0) & (torch.arange(m, device=dev)[:, None] >= s)] if s else [causal]
+            for t in range(1, s + 1):
+                blocks.append(torch.eye(m, dtype=torch.bool, device=dev).roll(-(s - t), dims=1) & blocks[0].any(1, keepdim=True))
+            mask = torch.cat(blocks, dim=1)
+            mask[:, -m:] |= torch.eye(m, dtype=torch.bool, device=dev)  # every query sees itself: no empty rows
+            out = d.finish(residual, d.attend(q, torch.cat(keys, 2), torch.cat(values, 2), mask[None]))
+            valid = label_ok.clone()
+            valid[:, :s] = False
+            logp = torch.log_softmax(d.logits(out).float(), dim=-1)
+            ce = -(teacher_lp.exp() * logp).sum(-1)
+            n_valid = valid.sum().clamp(min=1)
+            loss = (ce * valid).sum() / n_valid
+            if reg_target is not None:
+                reg = F.smooth_l1_loss(out.float(), reg_target.float(), reduction="none").mean(-1)
+                loss = loss + (reg * valid).sum() / n_valid
+            w = DEPTH_WEIGHT**s
+            total = total + w * loss
+            weights += w
+            metrics[f"loss_{s}"] = loss.detach()
+            metrics[f"acc_{s}"] = ((logp.argmax(-1) == teacher_top) & valid).sum().float() / n_valid
+            metrics[f"n_{s}"] = valid.sum()
+            # next step's pair at slot j reads this step's prediction for slot j - 1
+            step_feats = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
+        return total / weights, metrics
+
+
+# ---- checkpoints: safetensors + JSON only, so resuming never unpickles --------------------------------------------------
+
+
+def _save_checkpoint(path: Path, drafter: Drafter, optimizer, scheduler, step: int, generator: torch.Generator) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    drafter.save_pretrained(tmp)
+    state = optimizer.state_dict()
+    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in state["state"].items() for k, v in st.items()}
+    tensors["generator_state"] = generator.get_state()
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    meta = {"step": step, "param_groups": state["param_groups"], "scheduler": scheduler.state_dict()}
+    (tmp / "trainer_state.json").write_text(json.dumps(meta, default=float))
+    if path.exists():
+        for f in path.iterdir():
+            f.unlink()
+        path.rmdir()
+    tmp.rename(path)  # a crash mid-save leaves the previous checkpoint intact
+
+
+def _load_checkpoint(path: Path, drafter: Drafter, optimizer, scheduler, generator: torch.Generator) -> int:
+    drafter.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=False)
+    meta = json.loads((path / "trainer_state.json").read_text())
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    generator.set_state(tensors.pop("generator_state"))
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    return int(meta["step"])
+
+
+# ---- the loop ------------------------------------------------------------------------------------------------------------
+
+
+def _split(convs: list, fraction: float, seed: int) -> tuple[list, list]:
+    if len(convs) < 2 or fraction <= 0:
+        return convs, []
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(convs), generator=g).tolist()
+    n_eval = max(1, int(round(len(convs) * fraction)))
+    return [convs[i] for i in sorted(order[n_eval:])], [convs[i] for i in sorted(order[:n_eval])]
+
+
+@torch.no_grad()
+def evaluate(objective: DraftObjective, batches: list[list[Example]]) -> dict:
+    """Held-out loss and per-depth top-1 agreement with the target (the greedy acceptance rate at each draft depth)."""
+    objective.eval()
+    sums: dict[str, float] = {}
+    for exs in batches:
+        _, m = objective(exs)
+        for s in range(objective.ttt_steps):
+            n = float(m[f"n_{s}"])
+            sums[f"acc_{s}"] = sums.get(f"acc_{s}", 0.0) + float(m[f"acc_{s}"]) * n
+            sums[f"loss_{s}"] = sums.get(f"loss_{s}", 0.0) + float(m[f"loss_{s}"]) * n
+            sums[f"n_{s}"] = sums.get(f"n_{s}", 0.0) + n
+    objective.train()
+    out = {}
+    for s in range(objective.ttt_steps):
+        n = max(sums.get(f"n_{s}", 0.0), 1.0)
+        out[f"depth{s + 1}_acc"] = sums.get(f"acc_{s}", 0.0) / n
+        out[f"depth{s + 1}_loss"] = sums.get(f"loss_{s}", 0.0) / n
+    return out
+
+
+def train_drafter(target: str, data: str | Path, out: str | Path, cfg: TrainConfig = TrainConfig(), *,
+                  device: str | None = None) -> dict:
+    """Train a drafter for `target` on JSONL conversations; writes a Drafter directory to `out` (main process only)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from .data_tools.jsonl import read_conversations
+    from .pipeline import load_target
+
+    out = Path(out)
+    ckpt = out / CHECKPOINT
+    if out.exists() and any(out.iterdir()) and not ckpt.is_dir():
+        raise FileExistsError(f"output directory {str(out)!r} exists and is not empty (and holds no checkpoint to resume); "
+                              f"choose a new --out")
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        cpu=device == "cpu",
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    torch.manual_seed(cfg.seed)
+    convs, report = read_conversations(data)
+    if not convs:
+        raise ValueError(f"no usable conversations in {data} (skipped: {report.counts})")
+    train_set, eval_set = _split(convs, cfg.eval_fraction, cfg.seed)
+    model, processor, adapter = load_target(target, device=accelerator.device, dtype=torch.float32)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if adapter.multimodal is False and cfg.vision_adaptor:
+        raise ValueError("--vision-adaptor needs a vision-language target; this one is text-only (use --no-vision-adaptor)")
+    if cfg.vision_adaptor and not any(c.images for c in convs):
+        logger.warning("--vision-adaptor with a data set that has no images: the adaptor will not learn anything")
+    drafter = Drafter.for_target(model, vision_adaptor=cfg.vision_adaptor, num_queries=cfg.num_queries, fusion=cfg.fusion)
+    drafter.config.extra["target"] = str(target)  # lets export-drafter find the LM head it shares
+    drafter.to(accelerator.device)
+    objective = DraftObjective(drafter, cfg.ttt_steps, cfg.noise)
+    optimizer = torch.optim.AdamW([p for p in drafter.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    world = accelerator.num_processes
+    if len(train_set) < world:
+        raise ValueError(f"{len(train_set)} training conversations cannot feed {world} processes")
+    per_epoch = math.ceil((len(train_set) // world) / cfg.batch_size)
+    total_steps = cfg.max_steps or max(1, per_epoch * cfg.epochs // cfg.grad_accum)
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed + accelerator.process_index)
+    order_gen = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    if ckpt.is_dir():
+        step = _load_checkpoint(ckpt, drafter, optimizer, scheduler, generator)
+        logger.info("resumed from %s at step %d", ckpt, step)
+    want_embeds = drafter.vision is not None
+
+    def batch_examples(items):
+        exs = []
+        for conv in items:
+            try:
+                exs.append(teach(model, adapter, processor, conv, drafter.config.feature_layers, want_embeds, cfg.max_length))
+            except (ValueError, OSError) as e:  # one bad example must not end a long run
+                skipped["count"] += 1
+                logger.warning("skipping %s", e)
+        return exs
+
+    skipped = {"count": 0}
+    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="train-drafter")
+    t0 = time.perf_counter()
+    epoch_batches = []
+    micro = 0
+    while step < total_steps:
+        if not epoch_batches:
+            perm = torch.randperm(len(train_set), generator=order_gen).tolist()
+            # a strided share per process (data-parallel), cut to the same length everywhere: every process must
+            # take the same number of steps, or the gradient all-reduce would wait forever
+            mine = perm[accelerator.process_index :: world][: len(train_set) // world]
+            epoch_batches = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+        idx = epoch_batches.pop(0)
+        exs = batch_examples([train_set[i] for i in idx])
+        if not exs:
+            if world > 1:
+                raise ValueError(f"every example of a batch failed (lines {[train_set[i].line_no for i in idx]}); "
+                                 f"fix the data, a data-parallel run cannot skip a step on one process")
+            continue
+        with accelerator.accumulate(objective):
+            loss, metrics = objective(exs, generator)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(objective.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                scheduler.step()
+        micro += 1
+        if micro % cfg.grad_accum:
+            continue
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{float(metrics['acc_0']):.2f}")
+        if step % cfg.save_every == 0 and step < total_steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                _save_checkpoint(ckpt, drafter, optimizer, scheduler, step, generator)
+    bar.close()
+    accelerator.wait_for_everyone()
+    train_s = time.perf_counter() - t0
+    held_out = {}
+    if eval_set and accelerator.is_main_process:
+        batches = [batch_examples(eval_set[i : i + cfg.batch_size]) for i in range(0, len(eval_set), cfg.batch_size)]
+        held_out = evaluate(accelerator.unwrap_model(objective), [b for b in batches if b])
+        for k, v in held_out.items():
+            logger.info("held-out %s = %.4f", k, v)
+    metrics_out = {"steps": step, "train_s": train_s, "processes": world, "train_conversations": len(train_set),
+                   "eval_conversations": len(eval_set), "skipped_lines": report.counts, "skipped_examples": skipped["count"],
+                   "held_out": held_out, "config": asdict(cfg), "target": str(target)}
+    if accelerator.is_main_process:
+        drafter.save_pretrained(out)
+        (out / "training_metrics.json").write_text(json.dumps(metrics_out, indent=2) + "\n")
+        if ckpt.is_dir():
+            for f in ckpt.iterdir():
+                f.unlink()
+            ckpt.rmdir()
+    accelerator.wait_for_everyone()
+    return metrics_out
+
+
+def train_from_args(args) -> dict:
+    cfg = TrainConfig(
+        vision_adaptor=args.vision_adaptor, fusion=args.fusion, num_queries=args.num_queries, epochs=args.epochs,
+        max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, seed=args.seed,
+        ttt_steps=args.ttt_steps, eval_fraction=args.eval_fraction, mixed_precision=args.mixed_precision,
+        save_every=args.save_every, max_length=args.max_length,
+    )
+    metrics = train_drafter(args.target, args.data, args.out, cfg, device=getattr(args, "device", None))
+    held = metrics.get("held_out") or {}
+    if held:
+        print("held-out acceptance by depth: " + "  ".join(f"d{k[5]}={v:.3f}" for k, v in held.items() if k.endswith("_acc")))
+    return metrics
