@@ -47,6 +47,14 @@ class Adapter:
                 return int(value)
         return None
 
+    def count_images(self, inputs: dict) -> int:
+        """Images in the processed inputs (per-image grids or sizes where the family has them, else pixel batches)."""
+        for key in ("image_grid_thw", "image_sizes"):
+            if inputs.get(key) is not None:
+                return int(inputs[key].shape[0])
+        pv = inputs.get("pixel_values")
+        return int(pv.shape[0]) if pv is not None and pv.dim() == 4 else 0
+
     # ---- positions ------------------------------------------------------------------------------------------------
     def prompt_positions(self, model: nn.Module, inputs: dict) -> tuple[Tensor, int]:
         """1-D target positions of the prompt tokens [n], and the position of the first new token."""

@@ -88,6 +88,7 @@ def build_parser() -> Parser:
     tr.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
     tr.add_argument("--save-every", type=_positive_int, default=200)
     tr.add_argument("--max-length", type=_positive_int, default=1024)
+    tr.add_argument("--device", default=None, help="cpu or cuda (default: what accelerate picks)")
 
     ex = sub.add_parser("export-drafter", help="write a drafter in another engine's checkpoint layout")
     ex.add_argument("drafter", type=Path)

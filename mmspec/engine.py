@@ -109,7 +109,8 @@ def decode(
     cache = pre.cache
     past = inputs["input_ids"].shape[1]
     embeds = None if pre.input_embeds is None else pre.input_embeds[0]
-    prompt = PromptContext(inputs["input_ids"][0], prompt_positions, pre.hidden_states, embeds)
+    prompt = PromptContext(inputs["input_ids"][0], prompt_positions, pre.hidden_states, embeds,
+                           runner.adapter.count_images(inputs))
     proposer.start(prompt, token, next_pos)
     del pre, prompt
     accept = accept_greedy if sampling.greedy else (lambda tr, lg: accept_sampling(tr, lg, sampling, generator))

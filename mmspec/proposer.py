@@ -27,6 +27,7 @@ class PromptContext:
     positions: Tensor  # [n] long, 1-D target positions of the prompt tokens (the temporal/max row for M-RoPE)
     hidden_states: tuple[Tensor, ...] | None  # the target's hidden states over the prompt, each [1, n, H]
     input_embeds: Tensor | None = None  # [n, H] the language model's input embeddings (image tokens = projector out)
+    n_images: int = 0
 
 
 @dataclass
@@ -41,7 +42,7 @@ class Pairs:
 
 
 def build_pairs(
-    drafter: Drafter, tokens: Tensor, positions: Tensor, feats: Tensor, input_embeds: Tensor | None
+    drafter: Drafter, tokens: Tensor, positions: Tensor, feats: Tensor, input_embeds: Tensor | None, n_images: int = 0
 ) -> tuple[Pairs, Tensor, Tensor | None]:
     """Tokens t_0..t_n with fused features f_0..f_{n-1} -> the drafter's pairs (f_{i-1}, t_i), image tokens compressed
     when the drafter has a vision adaptor (input_embeds [>= n, H] then gives each image's target embeddings).
@@ -53,7 +54,7 @@ def build_pairs(
     if drafter.vision is None:
         keep = torch.arange(1, tokens.numel(), device=dev)
         return Pairs(feats, tokens[1:], positions[1:]), keep, None
-    plan = plan_compression(tokens, drafter.config.image_token_id, drafter.vision.num_queries)
+    plan = plan_compression(tokens, drafter.config.image_token_id, drafter.vision.num_queries, n_images)
     keep = plan.keep.to(dev)
     kept_tokens = tokens[keep]
     embeds = drafter.embed_tokens(kept_tokens).to(feats.dtype)
@@ -76,7 +77,7 @@ def prompt_pairs(drafter: Drafter, prompt: PromptContext, first_token: int, firs
     feats = drafter.fuse([h[0] for h in prompt.hidden_states])  # [n, H]: f_0 .. f_{n-1}
     tokens = torch.cat([prompt.input_ids, torch.tensor([first_token], device=dev)])
     positions = torch.cat([prompt.positions.to(dev), torch.tensor([first_pos], device=dev)])
-    pairs, _, last_vec = build_pairs(drafter, tokens, positions, feats, prompt.input_embeds)
+    pairs, _, last_vec = build_pairs(drafter, tokens, positions, feats, prompt.input_embeds, prompt.n_images)
     return pairs, last_vec
 
 

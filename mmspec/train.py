@@ -102,6 +102,7 @@ class Example:
     input_embeds: Tensor | None  # [n, H]
     teacher_logits: Tensor  # [n, V] the target's logits (row i predicts token i + 1)
     assistant: Tensor  # [n] bool
+    n_images: int = 0
 
 
 @torch.no_grad()
@@ -124,6 +125,7 @@ def teach(model, adapter, processor, conv, feature_layers: tuple[int, ...], want
         input_embeds=None if out.input_embeds is None else out.input_embeds[0],
         teacher_logits=out.logits,
         assistant=mask.to(dev),
+        n_images=adapter.count_images(inputs),
     )
 
 
@@ -146,13 +148,40 @@ class DraftObjective(nn.Module):
         if self.training and self.noise > 0:
             rms = feats.detach().pow(2).mean(-1, keepdim=True).sqrt()
             feats = feats + torch.randn(feats.shape, generator=generator, device=feats.device, dtype=feats.dtype) * rms * self.noise
-        pairs, keep, _ = build_pairs(d, ex.tokens, ex.positions, feats, ex.input_embeds)
+        pairs, keep, _ = build_pairs(d, ex.tokens, ex.positions, feats, ex.input_embeds, ex.n_images)
         n = ex.tokens.numel()
         label_ok = torch.zeros_like(keep, dtype=torch.bool)
         inside = keep + 1 < n
         label_ok[inside] = ex.assistant[keep[inside] + 1]
         teacher = ex.teacher_logits[keep]
         return pairs, teacher, label_ok, fused[keep].detach()
+
+    def unroll(self, tokens: Tensor, positions: Tensor, feats: Tensor, embeds: Tensor | None, vec: Tensor | None) -> list[Tensor]:
+        """The training-time-test unroll over padded pairs [B, m]; returns the predicted features of every step [B, m, H].
+
+        Query j at step s attends to the real prefix (step-0 keys of slots <= j - s) and to its own chain (the step-t
+        key of slot j - s + t for t = 1..s): what a node at draft depth s + 1 sees in the proposer's KV cache."""
+        d = self.drafter
+        m, dev = tokens.shape[1], tokens.device
+        causal = torch.ones(m, m, dtype=torch.bool, device=dev).tril()
+        eye = torch.eye(m, dtype=torch.bool, device=dev)
+        rows = torch.arange(m, device=dev)[:, None]
+        keys, values, outs = [], [], []
+        step_feats = feats
+        for s in range(self.ttt_steps):
+            x, residual = d.inputs(tokens, step_feats, embeds, vec)
+            q, k, v = d.qkv(x, positions)
+            keys.append(k)
+            values.append(v)
+            real = causal.roll(s, dims=0) & (rows >= s)  # key i <= j - s; rows j < s have no real prefix
+            chain = [eye.roll(-(s - t), dims=1) & (rows >= s) for t in range(1, s + 1)]
+            mask = torch.cat([real, *chain], dim=1)
+            mask[:, -m:] |= eye  # every query sees itself, so no row is empty (rows j < s carry no loss)
+            out = d.finish(residual, d.attend(q, torch.cat(keys, 2), torch.cat(values, 2), mask[None]))
+            outs.append(out)
+            # the next step's pair at slot j reads this step's prediction for slot j - 1
+            step_feats = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
+        return outs
 
     def forward(self, examples: list[Example], generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
         d = self.drafter
@@ -180,22 +209,8 @@ class DraftObjective(nn.Module):
 
         teacher_lp = torch.log_softmax(teacher, dim=-1)
         teacher_top = teacher.argmax(-1)
-        causal = torch.ones(m, m, dtype=torch.bool, device=dev).tril()
-        keys, values = [], []
         total, weights, metrics = 0.0, 0.0, {}
-        step_feats = feats
-        for s in range(self.ttt_steps):
-            x, residual = d.inputs(tokens, step_feats, embeds, vec)
-            q, k, v = d.qkv(x, positions)
-            keys.append(k)
-            values.append(v)
-            # query j at step s: real prefix slots <= j - s, then its own chain: step t at slot j - s + t
-            blocks = [causal.roll(s, dims=0) & (torch.arange(m, device=dev)[:, None] >= s)] if s else [causal]
-            for t in range(1, s + 1):
-                blocks.append(torch.eye(m, dtype=torch.bool, device=dev).roll(-(s - t), dims=1) & blocks[0].any(1, keepdim=True))
-            mask = torch.cat(blocks, dim=1)
-            mask[:, -m:] |= torch.eye(m, dtype=torch.bool, device=dev)  # every query sees itself: no empty rows
-            out = d.finish(residual, d.attend(q, torch.cat(keys, 2), torch.cat(values, 2), mask[None]))
+        for s, out in enumerate(self.unroll(tokens, positions, feats, embeds, vec)):
             valid = label_ok.clone()
             valid[:, :s] = False
             logp = torch.log_softmax(d.logits(out).float(), dim=-1)
@@ -211,8 +226,6 @@ class DraftObjective(nn.Module):
             metrics[f"loss_{s}"] = loss.detach()
             metrics[f"acc_{s}"] = ((logp.argmax(-1) == teacher_top) & valid).sum().float() / n_valid
             metrics[f"n_{s}"] = valid.sum()
-            # next step's pair at slot j reads this step's prediction for slot j - 1
-            step_feats = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
         return total / weights, metrics
 
 
@@ -299,7 +312,8 @@ def train_drafter(target: str, data: str | Path, out: str | Path, cfg: TrainConf
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum,
-        cpu=device == "cpu",
+        # accelerate only runs data-parallel on CPUs (gloo) when told to use the CPU
+        cpu=device == "cpu" or (device is None and not torch.cuda.is_available()),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     torch.manual_seed(cfg.seed)
@@ -312,6 +326,9 @@ def train_drafter(target: str, data: str | Path, out: str | Path, cfg: TrainConf
         p.requires_grad_(False)
     if adapter.multimodal is False and cfg.vision_adaptor:
         raise ValueError("--vision-adaptor needs a vision-language target; this one is text-only (use --no-vision-adaptor)")
+    if not adapter.multimodal and any(c.images for c in convs):
+        n = sum(1 for c in convs if c.images)
+        raise ValueError(f"{n} conversations in {data} have images, but target {target!r} is a text-only model")
     if cfg.vision_adaptor and not any(c.images for c in convs):
         logger.warning("--vision-adaptor with a data set that has no images: the adaptor will not learn anything")
     drafter = Drafter.for_target(model, vision_adaptor=cfg.vision_adaptor, num_queries=cfg.num_queries, fusion=cfg.fusion)

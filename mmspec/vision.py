@@ -70,8 +70,10 @@ class CompressionPlan:
     spans: tuple[tuple[int, int], ...]
 
 
-def image_spans(input_ids: Tensor, image_token_id: int | None) -> list[tuple[int, int]]:
-    """Maximal runs of the image token, each one image ([start, end) token indices)."""
+def image_spans(input_ids: Tensor, image_token_id: int | None, n_images: int | None = None) -> list[tuple[int, int]]:
+    """[start, end) token ranges of the images: maximal runs of the image token. When a template puts images back to
+    back (fewer runs than `n_images`) and all images have the same token count, merged runs are split evenly; families
+    whose images break into several runs (Pixtral rows) keep one span per run."""
     if image_token_id is None:
         return []
     is_img = (input_ids == image_token_id).cpu()
@@ -80,13 +82,21 @@ def image_spans(input_ids: Tensor, image_token_id: int | None) -> list[tuple[int
     edges = torch.diff(is_img.to(torch.int8), prepend=torch.zeros(1, dtype=torch.int8), append=torch.zeros(1, dtype=torch.int8))
     starts = (edges == 1).nonzero().flatten().tolist()
     ends = (edges == -1).nonzero().flatten().tolist()
-    return list(zip(starts, ends))
+    spans = list(zip(starts, ends))
+    total = sum(e - s for s, e in spans)
+    if n_images and len(spans) < n_images and total % n_images == 0:
+        per = total // n_images
+        if all((e - s) % per == 0 for s, e in spans):
+            spans = [(a, a + per) for s, e in spans for a in range(s, e, per)]
+    return spans
 
 
-def plan_compression(input_ids: Tensor, image_token_id: int | None, num_queries: int, first: int = 1) -> CompressionPlan:
+def plan_compression(
+    input_ids: Tensor, image_token_id: int | None, num_queries: int, n_images: int | None = None, first: int = 1
+) -> CompressionPlan:
     """Plan for tokens input_ids[first:] (the drafter reads token t_{j+1} with feature f_j, so token 0 is never read)."""
     n = input_ids.shape[0]
-    spans = image_spans(input_ids, image_token_id)
+    spans = image_spans(input_ids, image_token_id, n_images)
     n_slots = num_queries - 1
     slot = torch.full((n,), -1, dtype=torch.long)
     keep_mask = torch.ones(n, dtype=torch.bool)

@@ -1,0 +1,235 @@
+"""The ViSpec adaptor (shapes, positions, identity init) and drafter training (unroll = inference, loss falls, resume,
+torchrun data parallel, lossless with a trained drafter)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mmspec
+from mmspec import Drafter
+from mmspec.drafter import DraftKV
+from mmspec.proposer import PromptContext, build_pairs, prompt_pairs
+from mmspec.train import DraftObjective, TrainConfig, _save_checkpoint, teach, train_drafter
+from mmspec.vision import plan_compression
+from tiny_models import sample_images
+
+PROMPT = "Describe the picture."
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_dir):
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = mmspec.load(tiny_dir(family), "untrained", device="cpu")
+        return cache[family]
+
+    return get
+
+
+def prompt_context(pipe, images):
+    inputs = pipe.prepare(PROMPT, images)
+    pre = pipe.runner.prefill(inputs, True, True)
+    pos, next_pos = pipe.adapter.prompt_positions(pipe.target, inputs)
+    ctx = PromptContext(inputs["input_ids"][0], pos, pre.hidden_states, pre.input_embeds[0],
+                        pipe.adapter.count_images(inputs))
+    return inputs, ctx, next_pos
+
+
+def test_plan_compression_table():
+    img = 9
+    ids = torch.tensor([1, 2, img, img, img, img, 3, img, img, img, 4, 5])
+    plan = plan_compression(ids, img, num_queries=3)  # 2 slots per image
+    assert plan.spans == ((2, 6), (7, 10))
+    assert plan.keep.tolist() == [1, 4, 5, 6, 8, 9, 10, 11]
+    assert plan.slot.tolist() == [-1, 0, 1, -1, 2, 3, -1, -1]
+    assert plan.image_of.tolist() == [-1, -1, -1, 0, 0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("n_images", [0, 1, 2])
+def test_adaptor_compresses_images_at_their_last_positions(pipes, family, n_images):
+    pipe = pipes(family)
+    d = pipe.drafter
+    assert d.vision is not None and d.vision.num_queries == 2
+    inputs, ctx, next_pos = prompt_context(pipe, sample_images(n_images, seed=3))
+    ids = ctx.input_ids
+    img_id = d.config.image_token_id
+    n_img_tokens = int((ids == img_id).sum())
+    pairs, last_vec = prompt_pairs(d, ctx, first_token=5, first_pos=next_pos)
+    # every image's N tokens became num_queries - 1 = 1 slot; text keeps every token (minus t_0)
+    assert pairs.tokens.numel() == ids.numel() - n_img_tokens + n_images
+    text_positions = ctx.positions[ids != img_id][1:].tolist() + [next_pos]
+    got_text = pairs.positions[pairs.tokens != img_id].tolist()
+    assert got_text == text_positions  # text keeps the target's own positions (M-RoPE offsets included)
+    ends = [e for _, e in plan_compression(ids, img_id, 2, n_images).spans]
+    assert len(ends) == n_images
+    assert pairs.positions[pairs.tokens == img_id].tolist() == [int(ctx.positions[e - 1]) for e in ends]
+    assert (last_vec is None) == (n_images == 0)
+    if n_images:  # text after the last image carries its global vector; text before any image carries zeros
+        assert torch.equal(pairs.image_vec[-1], last_vec[0])
+        assert not pairs.image_vec[0].any()
+
+
+def test_untrained_adaptor_equals_text_only_drafter(pipes):
+    pipe = pipes("llava")
+    with_adaptor = pipe.drafter
+    plain = Drafter.for_target(pipe.target, vision_adaptor=False)
+    plain.load_state_dict({k: v for k, v in with_adaptor.state_dict().items() if not k.startswith(("vision", "inject"))})
+    _, ctx, next_pos = prompt_context(pipe, [])
+    outs = []
+    for d in (with_adaptor, plain):
+        pairs, vec = prompt_pairs(d, ctx, 5, next_pos)
+        emb = None if pairs.embeds is None else pairs.embeds[None]
+        vec = None if pairs.image_vec is None else pairs.image_vec[None]
+        h = d(pairs.tokens[None], pairs.features[None], pairs.positions[None], None, None, emb, vec)
+        outs.append(d.logits(h))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    f, g = torch.randn(3, 64), torch.randn(3, 64)
+    assert torch.allclose(with_adaptor.inject(torch.cat([f, g], -1)), f, atol=1e-6)  # [I | 0]
+
+
+def test_training_unroll_equals_inference_drafting(pipes):
+    """Layer 4: the unrolled training attention is exactly what the proposer's KV cache gives at draft depth 2 and 3."""
+    pipe = pipes("llava")
+    d = pipe.drafter
+    torch.manual_seed(0)
+    for p in d.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)  # break the identity init so every path matters
+    _, ctx, next_pos = prompt_context(pipe, sample_images(1))
+    feats = d.fuse([h[0] for h in ctx.hidden_states])
+    tokens = torch.cat([ctx.input_ids, torch.tensor([5])])
+    positions = torch.cat([ctx.positions, torch.tensor([next_pos])])
+    pairs, _, _ = build_pairs(d, tokens, positions, feats, ctx.input_embeds, ctx.n_images)
+    obj = DraftObjective(d, ttt_steps=3, noise=0.0).eval()
+    with torch.no_grad():
+        outs = obj.unroll(pairs.tokens[None], pairs.positions[None], pairs.features[None], pairs.embeds[None],
+                          pairs.image_vec[None])
+        m = pairs.tokens.numel()
+        j = m - 1  # the last slot, drafted at depth 3 from the real prefix ending at slot j - 2
+        kv = DraftKV()
+        sl = slice(0, j - 1)
+        d(pairs.tokens[None, sl], pairs.features[None, sl], pairs.positions[None, sl], None, kv, pairs.embeds[None, sl],
+          pairs.image_vec[None, sl])
+        chain_feat = outs[0][:, j - 2]
+        for depth, slot in enumerate((j - 1, j), start=1):
+            mask = torch.ones(1, 1, kv.length + 1, dtype=torch.bool)
+            h = d(pairs.tokens[None, slot : slot + 1], chain_feat[:, None], pairs.positions[None, slot : slot + 1], mask,
+                  kv, pairs.embeds[None, slot : slot + 1], pairs.image_vec[None, slot : slot + 1])
+            assert torch.allclose(h[0, 0], outs[depth][0, slot], atol=1e-4), depth
+            chain_feat = h[:, 0]
+
+
+def write_data(tmp_path, n=16, images=True):
+    ims = sample_images(3)
+    for i, im in enumerate(ims):
+        im.save(tmp_path / f"im{i}.png")
+    answers = ["a red circle at the top left and a blue square", "two green stars near the bottom right corner",
+               "one small yellow triangle in the center"]
+    lines = [{"images": [f"im{i % 3}.png"] if images else [], "messages": [
+        {"role": "user", "content": "describe the picture"}, {"role": "assistant", "content": answers[i % 3]}]}
+        for i in range(n)]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+def test_a_few_steps_lower_the_loss(pipes, tiny_dir, tmp_path):
+    pipe = pipes("llava")
+    from mmspec.data_tools.jsonl import read_conversations
+
+    convs, _ = read_conversations(write_data(tmp_path, n=6))
+    d = Drafter.for_target(pipe.target, vision_adaptor=True)
+    exs = [teach(pipe.target, pipe.adapter, pipe.processor, c, d.config.feature_layers, True, 1024) for c in convs]
+    assert all(int(e.assistant.sum()) > 3 for e in exs)
+    obj = DraftObjective(d, ttt_steps=2, noise=0.0)
+    opt = torch.optim.AdamW(d.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss, _ = obj(exs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+    assert d.vision.queries.grad is not None and d.vision.queries.grad.abs().sum() > 0  # the adaptor learns too
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trained")
+    data = write_data(tmp, n=12)
+    out = tmp / "drafter"
+    metrics = train_drafter(str(tiny_dir("llava")), data, out, TrainConfig(max_steps=6, batch_size=4, lr=3e-3,
+                            warmup_steps=1, eval_fraction=0.25, ttt_steps=2), device="cpu")
+    return out, metrics, data
+
+
+def test_trained_drafter_is_saved_and_lossless(trained, tiny_dir):
+    out, metrics, _ = trained
+    assert metrics["steps"] == 6 and set(metrics["held_out"]) == {"depth1_acc", "depth1_loss", "depth2_acc", "depth2_loss"}
+    assert not (out / "checkpoint").exists()
+    pipe = mmspec.load(tiny_dir("llava"), out, device="cpu")
+    assert pipe.drafter.vision is not None
+    images = sample_images(2)
+    inputs = pipe.prepare(PROMPT, images)
+    ref = pipe.target.generate(**inputs, do_sample=False, max_new_tokens=40)[0, inputs["input_ids"].shape[1]:].tolist()
+    assert pipe.generate(PROMPT, images, max_new_tokens=40).token_ids == ref
+
+
+def test_resume_from_checkpoint(trained, tiny_dir, tmp_path, caplog):
+    out, _, data = trained
+    resumed = tmp_path / "resumed"
+    d = Drafter.from_pretrained(out)
+    opt = torch.optim.AdamW(d.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    resumed.mkdir()
+    _save_checkpoint(resumed / "checkpoint", d, opt, sched, 4, torch.Generator().manual_seed(0))
+    with caplog.at_level("INFO", logger="mmspec.train"):
+        m = train_drafter(str(tiny_dir("llava")), data, resumed, TrainConfig(max_steps=5, batch_size=4, warmup_steps=1,
+                          eval_fraction=0.0, ttt_steps=2), device="cpu")
+    assert m["steps"] == 5 and "resumed" in caplog.text
+    assert (resumed / "model.safetensors").is_file() and not (resumed / "checkpoint").exists()
+
+
+def test_output_dir_is_never_overwritten(tiny_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "precious.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        train_drafter(str(tiny_dir("llava")), write_data(tmp_path), tmp_path / "out", device="cpu")
+    assert (tmp_path / "out" / "precious.txt").read_text() == "mine"
+
+
+def test_bad_data_from_the_cli(tiny_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{oops\n')
+    r = subprocess.run([sys.executable, "-m", "mmspec", "train-drafter", "--target", str(tiny_dir("llava")), "--data",
+                        str(bad), "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "bad.jsonl:2" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    text = write_data(tmp_path, n=4)
+    r = subprocess.run([sys.executable, "-m", "mmspec", "train-drafter", "--target", str(tiny_dir("text_llm")), "--data",
+                        str(text), "--out", str(tmp_path / "o2"), "--no-vision-adaptor"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "text-only" in r.stderr, r.stderr
+
+
+def test_torchrun_two_processes_write_one_drafter(tiny_dir, tmp_path):
+    data = write_data(tmp_path, n=8)
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "mmspec",
+         "train-drafter", "--target", str(tiny_dir("llava")), "--data", str(data), "--out", str(out), "--max-steps", "2",
+         "--batch-size", "2", "--eval-fraction", "0", "--ttt-steps", "2"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((out / "training_metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["steps"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["mmspec_drafter.json", "model.safetensors", "training_metrics.json"]
+    Drafter.from_pretrained(out)
