@@ -1,0 +1,185 @@
+"""Rebuild every built-in mini model from nothing: `python -m mmspec.data_tools.build_minis`.
+
+    shapes-world data -> tokenizer -> mini-vlm (trained target) -> mini-vlm's own answers (regenerate)
+      -> mini-vlm-vispec + mini-vlm-eagle (train-drafter, same data and steps) -> mini-vlm-assistant (distilled)
+      -> fp16 safetensors under mmspec/models/, a sample scene under mmspec/assets/, build_info.json
+
+Every stage is seeded and skipped when its output already exists in --work, so an interrupted build resumes. The
+default sizes take about an hour on a 2-core CPU; --size micro runs the whole path in a minute (the test suite does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("mmspec.build_minis")
+
+PACKAGE = Path(__file__).resolve().parent.parent / "mmspec"
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    size: str = "mini"
+    n_train: int = 24_000
+    n_eval: int = 400
+    n_drafter: int = 4_000  # conversations the target re-answers for drafter training
+    target_steps: int = 3_000
+    target_batch: int = 32
+    drafter_steps: int = 1_200
+    drafter_batch: int = 8
+    assistant_steps: int = 1_500
+    max_new_tokens: int = 160
+    seed: int = 1
+
+
+PLANS = {
+    "mini": BuildPlan(),
+    "micro": BuildPlan(size="micro", n_train=48, n_eval=8, n_drafter=12, target_steps=6, target_batch=8,
+                       drafter_steps=3, drafter_batch=4, assistant_steps=3, max_new_tokens=24),
+}
+
+
+def _stage(name: str, done: Path):
+    """Decorator-free stage guard: log and skip when the stage's output exists."""
+    if done.exists():
+        logger.info("[%s] already built: %s", name, done)
+        return False
+    logger.info("[%s] building -> %s", name, done)
+    return True
+
+
+def _half_copy_model(src: Path, dst: Path) -> None:
+    """A transformers model directory with fp16 weights (mmspec loads it back in the dtype it is asked for)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(str(src), dtype=torch.float16)
+    dst.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(dst))
+    AutoProcessor.from_pretrained(str(src)).save_pretrained(str(dst))
+
+
+def _half_copy_drafter(src: Path, dst: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from mmspec.drafter import CONFIG_NAME, WEIGHTS_NAME
+
+    dst.mkdir(parents=True, exist_ok=True)
+    state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(src / WEIGHTS_NAME)).items()}
+    save_file(state, str(dst / WEIGHTS_NAME), metadata={"format": "pt"})
+    config = json.loads((src / CONFIG_NAME).read_text())
+    config.get("extra", {})["target"] = "mini-vlm"  # a built-in name, not this machine's build path
+    (dst / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def build(work: Path, out: Path, plan: BuildPlan, assets: Path | None = None) -> dict:
+    from mmspec.train import TrainConfig, train_drafter
+
+    from .regenerate import regenerate
+    from .shapes_world import make_dataset, render, sample_scene
+    from .tokenizer import conversation_texts, train_tokenizer
+    from .train_target import TRAIN_TASKS, build_target, evaluate_target, train_target
+
+    torch.manual_seed(plan.seed)
+    work.mkdir(parents=True, exist_ok=True)
+    info: dict = {"plan": plan.__dict__, "stages_s": {}}
+    t_all = time.perf_counter()
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        result = fn()
+        info["stages_s"][name] = round(time.perf_counter() - t0, 1)
+        return result
+
+    data = work / "data"
+    if _stage("data", data / "eval.jsonl"):
+        timed("data", lambda: (make_dataset(plan.n_train, data, seed=plan.seed, tasks=TRAIN_TASKS, split="train"),
+                               make_dataset(plan.n_drafter, data, seed=plan.seed + 1, tasks=["describe"] * 3 + list(TRAIN_TASKS),
+                                            split="drafter"),
+                               make_dataset(plan.n_eval, data, seed=plan.seed + 2, split="eval")))
+    tok = work / "tokenizer"
+    if _stage("tokenizer", tok / "tokenizer.json"):
+        timed("tokenizer", lambda: train_tokenizer(conversation_texts(data / "train.jsonl"), tok))
+
+    target = work / "mini-vlm"
+    if _stage("target", target / "model.safetensors"):
+        init = work / "mini-vlm-init"
+        build_target(tok, init, size=plan.size, seed=plan.seed)
+        info["target_train"] = timed("target", lambda: train_target(init, data / "train.jsonl", target,
+                                                                     steps=plan.target_steps, batch_size=plan.target_batch,
+                                                                     seed=plan.seed))
+    metrics_file = work / "target_eval.json"
+    if _stage("target-eval", metrics_file):
+        metrics_file.write_text(json.dumps(timed("target-eval", lambda: evaluate_target(target, data / "eval.jsonl")),
+                                           indent=2))
+    info["target_eval"] = json.loads(metrics_file.read_text())
+
+    regen = work / "regenerated.jsonl"
+    if _stage("regenerate", work / "regenerated.done"):
+        timed("regenerate", lambda: regenerate(str(target), data / "drafter.jsonl", regen, prompt_suffix="",
+                                               max_new_tokens=plan.max_new_tokens, batch_size=16))
+        (work / "regenerated.done").write_text("ok\n")
+
+    drafters = {}
+    for name, adaptor in (("mini-vlm-vispec", True), ("mini-vlm-eagle", False)):
+        d = work / name
+        if _stage(name, d / "model.safetensors"):
+            cfg = TrainConfig(vision_adaptor=adaptor, max_steps=plan.drafter_steps, batch_size=plan.drafter_batch,
+                              seed=plan.seed, eval_fraction=0.05, save_every=200, lr=1e-3 if plan.size == "mini" else 3e-3)
+            timed(name, lambda: train_drafter(str(target), regen, d, cfg, device="cpu"))
+        drafters[name] = json.loads((d / "training_metrics.json").read_text())["held_out"]
+    info["drafters_held_out"] = drafters
+
+    assistant = work / "mini-vlm-assistant"
+    if _stage("assistant", assistant / "model.safetensors"):
+        init = work / "mini-vlm-assistant-init"
+        build_target(tok, init, size="assistant" if plan.size == "mini" else "micro", seed=plan.seed)
+        timed("assistant", lambda: train_target(init, regen, assistant, steps=plan.assistant_steps,
+                                                batch_size=plan.target_batch, seed=plan.seed))
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("mini-vlm", "mini-vlm-assistant"):
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+        _half_copy_model(work / name, out / name)
+    for name in ("mini-vlm-vispec", "mini-vlm-eagle"):
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+        _half_copy_drafter(work / name, out / name)
+    if assets is not None:
+        assets.mkdir(parents=True, exist_ok=True)
+        render(sample_scene(torch.Generator().manual_seed(7), n_objects=3)).save(assets / "sample_scene.png")
+    info["total_s"] = round(time.perf_counter() - t_all, 1)
+    info["sizes_mb"] = {p.name: round(sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) / 2**20, 2)
+                        for p in sorted(out.iterdir()) if p.is_dir()}
+    (out / "build_info.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    logger.info("built minis in %.0f s: %s", info["total_s"], info["sizes_mb"])
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mmspec.data_tools.build_minis", description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, default=Path("runs/build_minis"), help="intermediate files (resumable)")
+    p.add_argument("--out", type=Path, default=PACKAGE / "models", help="where the fp16 models go")
+    p.add_argument("--assets", type=Path, default=PACKAGE / "assets")
+    p.add_argument("--size", choices=sorted(PLANS), default="mini")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        build(args.work, args.out, PLANS[args.size], args.assets)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"build_minis: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,188 @@
+"""`mmspec bench`: autoregressive vs transformers' assisted generation vs EAGLE vs ViSpec on held-out prompts.
+
+Fairness on a noisy machine: every method is warmed up once, then the methods take turns prompt by prompt (round-robin),
+so a slow patch of the machine hits all of them alike. tau (mean accepted) counts every target forward, the prefill
+included, for every method alike: for hf_assisted through a forward hook on the target.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import TreeConfig
+from .registry import BUILTIN_TARGETS
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("autoregressive", "hf_assisted", "eagle", "vispec")
+DRAFTERS = {"mini-vlm": {"eagle": "mini-vlm-eagle", "vispec": "mini-vlm-vispec"}}
+ASSISTANTS = {"mini-vlm": "mini-vlm-assistant"}
+HELD_OUT_SEED = 20_261_122  # never used for training data (build_minis uses small seeds)
+
+
+@dataclass
+class MethodResult:
+    tokens: list[list[int]] = field(default_factory=list)
+    new_tokens: int = 0
+    target_forwards: int = 0
+    wall_s: float = 0.0
+    peak_mem_mb: float = 0.0
+
+
+def held_out_prompts(n: int, seed: int = HELD_OUT_SEED) -> list[tuple[str, list]]:
+    """(prompt, images) pairs from fresh shapes-world scenes: long detailed descriptions, the mini models' main job."""
+    from .data_tools.shapes_world import make_example, render, sample_scene
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        scene = sample_scene(g)
+        ex = make_example(scene, "describe", g)
+        out.append((ex["messages"][0]["content"], [render(scene)]))
+    return out
+
+
+class PeakMemory:
+    """Peak memory while a method runs: CUDA's allocator peak on a GPU, else the process RSS sampled every millisecond
+    (minus the RSS before the bench loop, so it shows what the method adds on top of the loaded weights)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.baseline = self._rss()
+        self.peak = 0.0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _rss() -> float:
+        import psutil
+
+        return psutil.Process(os.getpid()).memory_info().rss / 2**20
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss() - self.baseline)
+            time.sleep(0.001)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device) / 2**20)
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def run_bench(target: str = "mini-vlm", *, n: int = 8, max_new_tokens: int = 128, temperature: float = 0.0,
+              device: str | None = None, dtype: str | None = None, tree_preset: str | None = None,
+              methods: list[str] | None = None, seed: int = 0) -> dict:
+    from . import load
+    from .pipeline import load_target
+
+    if target not in BUILTIN_TARGETS:
+        raise ValueError(f"mmspec bench runs on the built-in targets ({', '.join(BUILTIN_TARGETS)}), whose drafters and "
+                         f"assistant ship with mmspec; got {target!r}")
+    methods = list(methods or METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown bench method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if "autoregressive" not in methods:
+        methods.insert(0, "autoregressive")  # the reference for speedup and lossless
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tree = TreeConfig.preset(tree_preset or ("gpu" if dev.type == "cuda" else "cpu"))
+    pipes = {"vispec": load(target, DRAFTERS[target]["vispec"], device=dev, dtype=dtype, tree=tree)}
+    base = pipes["vispec"]
+    if "eagle" in methods:
+        from .drafter import Drafter
+        from .pipeline import Pipeline, _resolve_dir
+
+        eagle = Drafter.from_pretrained(_resolve_dir(DRAFTERS[target]["eagle"], "drafter")[0], target=base.target)
+        eagle.to(device=base.device, dtype=base.target.dtype).eval()
+        pipes["eagle"] = Pipeline(base.target, base.processor, base.adapter, eagle, tree)
+    assistant = None
+    if "hf_assisted" in methods:
+        assistant, _, _ = load_target(ASSISTANTS[target], device=dev, dtype=base.target.dtype)
+    prompts = held_out_prompts(n)
+
+    forwards = {"n": 0}
+    hook = base.target.register_forward_pre_hook(lambda *_: forwards.__setitem__("n", forwards["n"] + 1))
+    sampling = dict(temperature=temperature, max_new_tokens=max_new_tokens)
+
+    def run(method: str, prompt: str, images, k: int) -> tuple[list[int], float, int]:
+        forwards["n"] = 0
+        s = seed + k
+        if method == "hf_assisted":
+            inputs = base.prepare(prompt, images)
+            kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens)
+            if temperature > 0:
+                kw.update(temperature=temperature, top_k=0, top_p=1.0)
+                torch.manual_seed(s)  # transformers samples from the global generator
+            t0 = time.perf_counter()
+            out = base.target.generate(**inputs, assistant_model=assistant, **kw)
+            wall = time.perf_counter() - t0
+            return out[0, inputs["input_ids"].shape[1]:].tolist(), wall, forwards["n"]
+        pipe = base if method == "autoregressive" else pipes[method]
+        res = pipe.generate(prompt, images, speculative=method != "autoregressive", seed=s, **sampling)
+        return res.token_ids, res.stats.wall_s, forwards["n"]
+
+    results = {m: MethodResult() for m in methods}
+    try:
+        with torch.inference_mode():
+            for m in methods:  # warm-up: first-call allocations and lazy inits off the clock
+                run(m, prompts[0][0], prompts[0][1], 0)
+            mem = {m: PeakMemory(base.device) for m in methods}
+            for k, (prompt, images) in enumerate(prompts):
+                order = methods[k % len(methods):] + methods[: k % len(methods)]
+                for m in order:
+                    with mem[m]:
+                        toks, wall, fw = run(m, prompt, images, k)
+                    r = results[m]
+                    r.tokens.append(toks)
+                    r.new_tokens += len(toks)
+                    r.target_forwards += fw
+                    r.wall_s += wall
+            for m in methods:
+                results[m].peak_mem_mb = mem[m].peak
+    finally:
+        hook.remove()
+
+    ref = results["autoregressive"]
+    ref_speed = ref.new_tokens / ref.wall_s
+    report = {"target": target, "device": str(base.device), "n_prompts": n, "max_new_tokens": max_new_tokens,
+              "temperature": temperature, "tree": vars(tree) if hasattr(tree, "__dict__") else str(tree), "methods": {}}
+    for m, r in results.items():
+        speed = r.new_tokens / r.wall_s
+        report["methods"][m] = {
+            "tokens_per_s": round(speed, 2),
+            "mean_accepted": round(r.new_tokens / max(r.target_forwards, 1), 3),
+            "speedup": round(speed / ref_speed, 3),
+            "lossless": (r.tokens == ref.tokens) if temperature == 0 else None,
+            "peak_mem_mb": round(r.peak_mem_mb, 1),
+            "new_tokens": r.new_tokens,
+        }
+    print_table(report)
+    return report
+
+
+def print_table(report: dict) -> None:
+    lines = [f"mmspec bench: target={report['target']} device={report['device']} prompts={report['n_prompts']} "
+             f"max_new_tokens={report['max_new_tokens']} temperature={report['temperature']}",
+             f"{'method':<16}{'tok/s':>9}{'speedup':>9}{'tau':>7}{'lossless':>10}{'peak MB':>9}"]
+    for m, r in report["methods"].items():
+        lossless = "n/a" if r["lossless"] is None else ("yes" if r["lossless"] else "NO")
+        lines.append(f"{m:<16}{r['tokens_per_s']:>9.1f}{r['speedup']:>8.2f}x{r['mean_accepted']:>7.2f}{lossless:>10}"
+                     f"{r['peak_mem_mb']:>9.1f}")
+    print("\n".join(lines))
