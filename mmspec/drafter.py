@@ -73,11 +73,19 @@ def _rope_theta(text_config) -> float:
 
 
 def default_feature_layers(num_layers: int, fusion: str) -> tuple[int, ...]:
-    """EAGLE-3 reads a low, a middle and a high layer; EAGLE-1/2 the final (normed) hidden state."""
+    """EAGLE-3 reads a low, a middle and a high layer (2, L//2, L-3); EAGLE-1/2 the final (normed) hidden state.
+
+    Indices are into transformers' hidden_states, where index L is the post-norm output: multi_layer never takes it
+    (engines like vLLM capture pre-norm layer inputs). Shallow targets, where EAGLE-3's choice would repeat a layer, get
+    three evenly spread distinct layers when they have enough."""
     if fusion == "last":
         return (num_layers,)
-    clamp = lambda i: min(max(i, 1), num_layers)  # noqa: E731
-    return (clamp(2), clamp(num_layers // 2), clamp(num_layers - 3))
+    top = max(num_layers - 1, 1)
+    clamp = lambda i: min(max(i, 1), top)  # noqa: E731
+    layers = (clamp(2), clamp(num_layers // 2), clamp(num_layers - 3))
+    if len(set(layers)) < 3 and num_layers >= 4:
+        layers = (1, num_layers // 2, num_layers - 1)
+    return layers
 
 
 def _rotate_half(x: Tensor) -> Tensor:

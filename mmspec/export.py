@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .drafter import CONFIG_NAME, WEIGHTS_NAME, Drafter
+from .drafter import WEIGHTS_NAME, Drafter
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ def export_eagle3(
     tensors["fc.weight"] = _engine_fc(drafter).to(dtype).contiguous()
     # mmspec drafters predict over the target's full vocabulary: draft_vocab_size == vocab_size, and the engines take
     # an absent d2t as the identity map, so no d2t / t2d tensors are written.
-    tensors["lm_head.weight"] = _target_lm_head(target_dir, target_config, c.vocab_size, c.hidden_size).to(dtype).contiguous()
+    head = _target_lm_head(target_dir, target_config, c.vocab_size, c.hidden_size)
+    tensors["lm_head.weight"] = head.to(dtype).contiguous()
 
     layers = sorted(c.feature_layers)
     text = target_config.get_text_config()
@@ -111,8 +112,9 @@ def export_eagle3(
         # makes both read the layers this drafter was trained on.
         "eagle_aux_hidden_state_layer_ids": layers,
         "eagle_config": {"use_aux_hidden_state": True, "eagle_aux_hidden_state_layer_ids": [i - 1 for i in layers]},
+        # provenance only; the engines ignore unknown keys
         "mmspec": {"target": str(target_name), "target_model_type": c.target_model_type,
-                   "feature_layers_hf": layers, "vision_adaptor_dropped": c.vision_adaptor},
+                   "feature_layers": list(c.feature_layers), "vision_adaptor_dropped": c.vision_adaptor},
     }
     _warn_mrope(text)
 
@@ -162,9 +164,10 @@ def _engine_fc(drafter: Drafter) -> Tensor:
     order = sorted(range(len(c.feature_layers)), key=lambda j: c.feature_layers[j])
     w = torch.cat([w[:, j * h : (j + 1) * h] for j in order], dim=1)
     if drafter.inject is not None:
-        # ViSpec injection: f' = W [f | image_vec]. Without images image_vec = 0, so f' = W[:, :H] f = (W[:, :H] fc) aux:
-        # exact for every position that reads the target's features. Deeper drafts feed the drafter's own prediction
-        # back, which our drafter also passes through W[:, :H] and the engines cannot; report how far that is from I.
+        # ViSpec injection: f' = W [f | image_vec]. Without images image_vec = 0, so f' = W[:, :H] f =
+        # (W[:, :H] fc) aux: exact for every position that reads the target's features. Deeper drafts feed the
+        # drafter's own prediction back, which our drafter also passes through W[:, :H] and the engines cannot (their
+        # layer feeds its output straight back); report how far W[:, :H] is from the identity.
         a = drafter.inject.weight.detach().double()[:, :h]
         w = a @ w
         dev = (torch.linalg.matrix_norm(a - torch.eye(h, dtype=a.dtype)) / h**0.5).item()
