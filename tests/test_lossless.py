@@ -150,3 +150,12 @@ def test_null_proposer_loop_is_plain_decoding(pipes):
     inputs = pipe.prepare(PROMPT)
     got, events = run(pipe, NullProposer(), inputs)
     assert got == reference(pipe, inputs) and all(len(ev.token_ids) == 1 for ev in events)
+
+
+def test_device_map_loading_path(tiny_dir):
+    """device_map hands placement to transformers/accelerate; on one CPU it must still decode exactly."""
+    pipe = mmspec.load(tiny_dir("qwen2_vl"), "untrained", device_map={"": "cpu"}, dtype="float32")
+    images = sample_images(1)
+    inputs = pipe.prepare(PROMPT, images)
+    assert pipe.generate(PROMPT, images, max_new_tokens=24).token_ids == reference(pipe, inputs, max_new=24)
+    assert pipe.drafter.q_proj.weight.device == pipe.target.get_output_embeddings().weight.device
