@@ -32,12 +32,12 @@ class BuildPlan:
     n_train: int = 40_000
     n_eval: int = 700
     n_drafter: int = 3_000  # conversations the target re-answers for drafter and assistant training
-    target_steps: int = 1_200
+    target_steps: int = 700
     target_batch: int = 32
     target_lr: float = 1e-3
-    drafter_steps: int = 1_000
+    drafter_steps: int = 800
     drafter_batch: int = 8
-    assistant_steps: int = 800
+    assistant_steps: int = 600
     max_new_tokens: int = 160
     seed: int = 0
 

@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -33,6 +33,7 @@ class MethodResult:
     target_forwards: int = 0
     wall_s: float = 0.0
     peak_mem_mb: float = 0.0
+    split_s: dict = field(default_factory=dict)  # engine methods: prefill / draft / verify / other seconds
 
 
 def held_out_prompts(n: int, seed: int = HELD_OUT_SEED) -> list[tuple[str, list]]:
@@ -121,7 +122,7 @@ def run_bench(target: str = "mini-vlm", *, n: int = 8, max_new_tokens: int = 128
     hook = base.target.register_forward_pre_hook(lambda *_: forwards.__setitem__("n", forwards["n"] + 1))
     sampling = dict(temperature=temperature, max_new_tokens=max_new_tokens)
 
-    def run(method: str, prompt: str, images, k: int) -> tuple[list[int], float, int]:
+    def run(method: str, prompt: str, images, k: int) -> tuple[list[int], float, int, dict]:
         forwards["n"] = 0
         s = seed + k
         if method == "hf_assisted":
@@ -133,10 +134,12 @@ def run_bench(target: str = "mini-vlm", *, n: int = 8, max_new_tokens: int = 128
             t0 = time.perf_counter()
             out = base.target.generate(**inputs, assistant_model=assistant, **kw)
             wall = time.perf_counter() - t0
-            return out[0, inputs["input_ids"].shape[1]:].tolist(), wall, forwards["n"]
+            return out[0, inputs["input_ids"].shape[1]:].tolist(), wall, forwards["n"], {}
         pipe = base if method == "autoregressive" else pipes[method]
         res = pipe.generate(prompt, images, speculative=method != "autoregressive", seed=s, **sampling)
-        return res.token_ids, res.stats.wall_s, forwards["n"]
+        st = res.stats
+        split = {"prefill": st.prefill_s, "draft": st.draft_s, "verify": st.verify_s, "other": st.other_s}
+        return res.token_ids, st.wall_s, forwards["n"], split
 
     results = {m: MethodResult() for m in methods}
     try:
@@ -148,8 +151,10 @@ def run_bench(target: str = "mini-vlm", *, n: int = 8, max_new_tokens: int = 128
                 order = methods[k % len(methods):] + methods[: k % len(methods)]
                 for m in order:
                     with mem[m]:
-                        toks, wall, fw = run(m, prompt, images, k)
+                        toks, wall, fw, split = run(m, prompt, images, k)
                     r = results[m]
+                    for key, v in split.items():
+                        r.split_s[key] = r.split_s.get(key, 0.0) + v
                     r.tokens.append(toks)
                     r.new_tokens += len(toks)
                     r.target_forwards += fw
@@ -162,7 +167,7 @@ def run_bench(target: str = "mini-vlm", *, n: int = 8, max_new_tokens: int = 128
     ref = results["autoregressive"]
     ref_speed = ref.new_tokens / ref.wall_s
     report = {"target": target, "device": str(base.device), "n_prompts": n, "max_new_tokens": max_new_tokens,
-              "temperature": temperature, "tree": vars(tree) if hasattr(tree, "__dict__") else str(tree), "methods": {}}
+              "temperature": temperature, "tree": asdict(tree), "methods": {}}
     for m, r in results.items():
         speed = r.new_tokens / r.wall_s
         report["methods"][m] = {
@@ -172,7 +177,11 @@ def run_bench(target: str = "mini-vlm", *, n: int = 8, max_new_tokens: int = 128
             "lossless": (r.tokens == ref.tokens) if temperature == 0 else None,
             "peak_mem_mb": round(r.peak_mem_mb, 1),
             "new_tokens": r.new_tokens,
+            "target_forwards": r.target_forwards,
         }
+        if r.split_s:  # where a step's time goes: per target forward, in milliseconds
+            report["methods"][m]["ms_per_step"] = {k: round(1e3 * v / max(r.target_forwards, 1), 3)
+                                                   for k, v in r.split_s.items()}
     print_table(report)
     return report
 
