@@ -59,3 +59,19 @@ def test_readme_main_command():
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "outputs match: yes" in r.stdout and "speedup" in r.stdout
+
+
+def test_bench_writes_the_contract_json(tmp_path):
+    import json
+
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "mmspec", "bench", "--n", "2", "--max-new-tokens", "24", "--json", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    assert {"target", "device", "n_prompts", "max_new_tokens", "methods"} <= set(report)
+    assert set(report["methods"]) == {"autoregressive", "hf_assisted", "eagle", "vispec"}
+    for name, m in report["methods"].items():
+        assert {"tokens_per_s", "mean_accepted", "speedup", "lossless"} <= set(m), name
+        assert m["lossless"] is True, name  # greedy: every method reproduces the target's own tokens
+    assert report["methods"]["autoregressive"]["speedup"] == 1.0
