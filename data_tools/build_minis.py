@@ -31,14 +31,14 @@ class BuildPlan:
     size: str = "mini"
     n_train: int = 40_000
     n_eval: int = 700
-    n_drafter: int = 3_000  # conversations the target re-answers for drafter and assistant training
-    target_steps: int = 700
+    n_drafter: int = 2_000  # conversations the target re-answers for drafter and assistant training
+    target_steps: int = 1_200
     target_batch: int = 32
     target_lr: float = 1e-3
-    drafter_steps: int = 800
+    drafter_steps: int = 600
     drafter_batch: int = 8
-    assistant_steps: int = 600
-    max_new_tokens: int = 160
+    assistant_steps: int = 400
+    max_new_tokens: int = 150
     seed: int = 0
 
 
@@ -132,7 +132,7 @@ def build(work: Path, out: Path, plan: BuildPlan, assets: Path | None = None) ->
     regen = work / "regenerated.jsonl"
     if _stage("regenerate", work / "regenerated.done"):
         timed("regenerate", lambda: regenerate(str(target), data / "drafter.jsonl", regen, prompt_suffix="",
-                                               max_new_tokens=plan.max_new_tokens, batch_size=16))
+                                               max_new_tokens=plan.max_new_tokens, batch_size=32))
         (work / "regenerated.done").write_text("ok\n")
 
     drafters = {}

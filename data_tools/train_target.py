@@ -1,0 +1,487 @@
+"""Build and train ``mini-vlm``, the built-in target model, from scratch on shapes-world conversations.
+
+mini-vlm is an ordinary ``LlavaForConditionalGeneration`` (a small CLIP vision tower, the LLaVA-1.5 two-layer MLP
+projector and a Llama decoder) with its ``LlavaProcessor``, so every mmspec code path that serves a real LLaVA serves
+it unchanged. It is trained like LLaVA's instruction tuning (Liu et al., 2023, "Visual Instruction Tuning"), except
+that every part, vision tower included, learns from scratch in one stage: next-token loss on the assistant tokens only.
+
+The training mix leans on the long ``describe`` task: it is what the speculative benchmark decodes, and its
+object-by-object sentences are dense supervision for seeing (every object's colour, size, shape and cell). The short
+tasks then teach the model to answer counting, attribute, yes/no and two-image questions.
+
+All randomness comes from ``torch.manual_seed`` and ``torch.Generator`` objects seeded by the caller.
+
+CLI: ``python -m mmspec.data_tools.train_target --data-dir DIR --out DIR [--steps N] [--batch-size N]
+[--size mini|micro] [--seed S]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+from .shapes_world import COLOURS, SHAPES, SIZE_PX, TASKS, check_answer, make_dataset
+from .shapes_world import SIZES as SIZES_WORDS
+from .tokenizer import IMAGE, conversation_texts, train_tokenizer
+
+logger = logging.getLogger(__name__)
+
+NUM_THREADS = 2
+
+
+@dataclass(frozen=True)
+class TargetSize:
+    """Shape of a mini-vlm: a CLIP vision tower on 64x64 images and a Llama decoder."""
+
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    patch: int  # image tokens per image = (64 / patch) ** 2
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    max_positions: int = 1024
+
+
+SIZES = {
+    # ~15 M parameters: one decode step costs several ms on a 2-core CPU, far above framework overhead, so a drafter
+    # that saves target forwards saves real time; 64 image tokens (8-px patches) resolve every 21-px grid cell.
+    "mini": TargetSize(vision_hidden=256, vision_layers=4, vision_heads=4, patch=8,
+                       hidden=384, layers=6, heads=6, kv_heads=6, intermediate=1024),
+    # ~2 M parameters, 2 decoder layers: mini-vlm-assistant, the draft model of transformers' assisted generation.
+    # It reads the target's input ids as they are, so it keeps the target's 64 image tokens (same patch size).
+    "assistant": TargetSize(vision_hidden=128, vision_layers=2, vision_heads=2, patch=8,
+                            hidden=256, layers=2, heads=4, kv_heads=4, intermediate=512),
+    # A few hundred thousand parameters and 16 image tokens: for tests of the build path, trains in seconds.
+    "micro": TargetSize(vision_hidden=32, vision_layers=1, vision_heads=2, patch=16,
+                        hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128),
+}
+
+# Share of each task in the generated training data (make_dataset draws tasks uniformly from a list, so repeats
+# weight it): describe ~42 %, count ~17 %, the other tasks ~8 % each.
+TRAIN_TASK_WEIGHTS = {"describe": 5, "count": 2, "colour": 1, "shape": 1, "position": 1, "yesno": 1, "compare": 1}
+TRAIN_TASKS = tuple(t for t, w in TRAIN_TASK_WEIGHTS.items() for _ in range(w))
+
+
+# ---------------------------------------------------------------------------------------------------------- build
+def build_target(tokenizer_dir: str | Path, out_dir: str | Path, size: str = "mini", seed: int = 0) -> Path:
+    """Create an untrained mini-vlm (model + processor) with the tokenizer in ``tokenizer_dir``; save to ``out_dir``."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
+    s = SIZES[size]
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE)
+    n_image_tokens = (SIZE_PX // s.patch) ** 2
+    vision = CLIPVisionConfig(hidden_size=s.vision_hidden, intermediate_size=4 * s.vision_hidden,
+                              num_hidden_layers=s.vision_layers, num_attention_heads=s.vision_heads,
+                              image_size=SIZE_PX, patch_size=s.patch, projection_dim=s.vision_hidden)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=s.hidden, intermediate_size=s.intermediate,
+                       num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
+                       max_position_embeddings=s.max_positions, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    # vision_feature_layer=-1: trained from scratch, the last layer is as good as any, and -2 would run a layer whose
+    # output nobody reads. "default" drops the CLS token, leaving exactly the patch tokens.
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
+                         image_seq_length=n_image_tokens, vision_feature_layer=-1,
+                         vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                         tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa")
+    gc = model.generation_config
+    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = (tokenizer.bos_token_id, tokenizer.eos_token_id,
+                                                         tokenizer.pad_token_id)
+    gc.do_sample, gc.max_new_tokens = False, 256
+    # 64x64 in, 64x64 out: resize and crop are identities on shapes-world images and fit any other image to 64x64.
+    image_processor = CLIPImageProcessor(size={"shortest_edge": SIZE_PX},
+                                         crop_size={"height": SIZE_PX, "width": SIZE_PX})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=s.patch,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=tokenizer.chat_template)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir))
+    processor.save_pretrained(str(out_dir))
+    logger.info("built %s mini-vlm: %.2f M parameters, %d image tokens -> %s", size,
+                sum(p.numel() for p in model.parameters()) / 1e6, n_image_tokens, out_dir)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+def chat_messages(record: dict, with_answer: bool = True) -> list[dict]:
+    """A training record's messages with its images as ``{"type": "image"}`` parts opening the first user turn."""
+    n_images, out = len(record.get("images", [])), []
+    for m in record["messages"]:
+        if m["role"] == "assistant" and not with_answer:
+            break
+        content = m["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+        if m["role"] == "user" and n_images:
+            parts, n_images = [{"type": "image"}] * n_images + parts, 0
+        out.append({"role": m["role"], "content": parts})
+    return out
+
+
+def encode_example(processor, record: dict) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one conversation as the processor lays it out; labels are -100 off the assistant turns.
+
+    The tokenizer marks assistant tokens through the template's ``{% generation %}`` block; each ``<image>`` is then
+    expanded to the image's patch tokens exactly as ``LlavaProcessor`` expands it (special tokens split the text, so
+    the tokens around them do not change).
+    """
+    tok = processor.tokenizer
+    enc = tok.apply_chat_template(chat_messages(record), tokenize=True, return_dict=True,
+                                  return_assistant_tokens_mask=True)
+    n_img = _num_image_tokens(processor)
+    image_id = tok.convert_tokens_to_ids(IMAGE)
+    ids, labels = [], []
+    for t, m in zip(enc["input_ids"], enc["assistant_masks"]):
+        if t == image_id:
+            ids += [t] * n_img
+            labels += [-100] * n_img
+        else:
+            ids.append(t)
+            labels.append(t if m else -100)
+    return ids, labels
+
+
+def _num_image_tokens(processor) -> int:
+    crop = processor.image_processor.crop_size
+    n = (crop["height"] // processor.patch_size) * (crop["width"] // processor.patch_size)
+    return n + processor.num_additional_image_tokens - (processor.vision_feature_select_strategy == "default")
+
+
+def load_records(jsonl: str | Path) -> list[dict]:
+    """Records of a training JSONL, with image paths made absolute (they are relative to the JSONL's folder)."""
+    jsonl = Path(jsonl)
+    records = []
+    with open(jsonl, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                r["images"] = [str(jsonl.parent / p) for p in r.get("images", [])]
+                records.append(r)
+    return records
+
+
+def _load_images(paths: Sequence[str]) -> list[Image.Image]:
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            out.append(im.convert("RGB"))
+    return out
+
+
+def _length_grouped_batches(lengths: Sequence[int], batch_size: int, g: torch.Generator) -> list[list[int]]:
+    """Shuffled batches of similar lengths: sort within shuffled chunks of 64 batches, then shuffle the batches.
+
+    Describe answers are ~10x longer than one-word answers; grouping them wastes far less compute on padding.
+    """
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    chunk = 64 * batch_size
+    batches = []
+    for s in range(0, len(order), chunk):
+        part = sorted(order[s:s + chunk], key=lambda i: lengths[i])
+        batches += [part[k:k + batch_size] for k in range(0, len(part), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+class CellProbe(torch.nn.Module):
+    """Training-only auxiliary head: predicts each 3x3 grid cell's object (shape, colour, size, or empty) from the
+    projected image tokens, pooled over the cell. Trained from scratch with a text loss alone, a LLaVA on templated
+    answers learns the text prior long before its vision tower says anything useful, and the image tokens collapse
+    (`image_spread` falls to ~0.05 within 100 steps); this dense signal keeps them informative from the first step.
+    The head is dropped at save time: the shipped model is a plain LlavaForConditionalGeneration."""
+
+    def __init__(self, hidden: int, grid: int) -> None:
+        super().__init__()
+        self.grid = grid
+        self.head = torch.nn.Linear(hidden, len(SHAPES) + len(COLOURS) + len(SIZES_WORDS) + 3)
+
+    def forward(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """[N, grid*grid, H] projector outputs -> [N, 9, classes] logits."""
+        n, _, h = image_tokens.shape
+        x = image_tokens.reshape(n, self.grid, self.grid, h).permute(0, 3, 1, 2)
+        return self.head(F.adaptive_avg_pool2d(x, 3).flatten(2).transpose(1, 2))
+
+    @staticmethod
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """labels [N, 9, 3] (shape, colour, size; 0 = empty cell) -> (mean cross-entropy, exact-cell accuracy)."""
+        splits = (len(SHAPES) + 1, len(COLOURS) + 1, len(SIZES_WORDS) + 1)
+        parts = logits.split(splits, dim=-1)
+        loss = sum(F.cross_entropy(p.reshape(-1, p.shape[-1]), labels[..., k].reshape(-1)) for k, p in enumerate(parts))
+        right = torch.stack([p.argmax(-1) == labels[..., k] for k, p in enumerate(parts)]).all(0)
+        return loss / 3, right.float().mean().item()
+
+
+def cell_labels(scene: dict) -> torch.Tensor:
+    """[9, 3] class ids per grid cell for one scene dict: shape, colour, size (1-based), 0 for an empty cell."""
+    out = torch.zeros(9, 3, dtype=torch.long)
+    for o in scene["objects"]:
+        out[o["cell"]] = torch.tensor([SHAPES.index(o["shape"]) + 1, list(COLOURS).index(o["colour"]) + 1,
+                                       SIZES_WORDS.index(o["size"]) + 1])
+    return out
+
+
+def _collate(processor, records: list[dict], encoded: list[tuple[list[int], list[int]]], idx: list[int]) -> dict:
+    pad = processor.tokenizer.pad_token_id
+    width = max(len(encoded[i][0]) for i in idx)
+    ids = torch.full((len(idx), width), pad, dtype=torch.long)
+    labels = torch.full((len(idx), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(idx), width), dtype=torch.long)
+    images, cells = [], []
+    for row, i in enumerate(idx):
+        x, y = encoded[i]
+        ids[row, :len(x)], labels[row, :len(y)], mask[row, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+        images += records[i]["images"]
+        scenes = records[i].get("scene")
+        scenes = scenes if isinstance(scenes, list) else [scenes] if scenes else []
+        cells += [cell_labels(sc) for sc in scenes] if len(scenes) == len(records[i]["images"]) else []
+    pixels = processor.image_processor(_load_images(images), return_tensors="pt")["pixel_values"]
+    cell_t = torch.stack(cells) if cells and len(cells) == len(images) else None
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels, "cells": cell_t}
+
+
+@torch.no_grad()
+def image_spread(model, pixel_values: torch.Tensor) -> float:
+    """How much the projected image tokens differ between images, relative to their size (pixel_values: (N, 3, H, W)).
+
+    About 0.7 at initialisation. A from-scratch LLaVA can collapse into ignoring its images: the vision tower's
+    output grows a large image-independent component and this ratio falls towards 0 while the loss still falls on
+    the text prior alone. Logged so such a run is stopped early.
+    """
+    feats = model.model.get_image_features(pixel_values=pixel_values).pooler_output
+    feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats  # (N, tokens, hidden)
+    return float(feats.std(0).mean() / feats.std().clamp_min(1e-12))
+
+
+def _bf16_supported() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------- train
+def train_target(model_dir: str | Path, data_jsonl: str | Path, out_dir: str | Path, *, steps: int,
+                 batch_size: int = 32, lr: float = 1e-3, seed: int = 0, log_every: int = 10,
+                 eval_data: str | Path | None = None, warmup: float = 0.05, weight_decay: float = 0.05,
+                 clip_norm: float = 1.0, bf16: bool | None = None, aux_weight: float = 1.0) -> dict:
+    """Train the model in ``model_dir`` on the assistant tokens of ``data_jsonl``; save model + processor to ``out_dir``.
+
+    AdamW with linear warmup (``warmup`` of the steps) and cosine decay to a tenth of ``lr``; gradients clipped to
+    ``clip_norm``. ``bf16``: bfloat16 autocast (fp32 master weights); None turns it on where the CPU has native
+    bfloat16 (about 1.5x faster on AVX512-BF16). Returns metrics (losses, time, and ``eval`` when ``eval_data``).
+    """
+    if steps <= 0 or batch_size <= 0 or lr <= 0:
+        raise ValueError(f"steps, batch_size and lr must be positive; got {steps}, {batch_size}, {lr}")
+    torch.set_num_threads(NUM_THREADS)
+    # Optimizer states of rarely-updated weights decay into subnormal floats, which x86 CPUs compute on in
+    # microcode at a small fraction of normal speed; flushing them to zero changes nothing measurable.
+    torch.set_flush_denormal(True)
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    bf16 = _bf16_supported() if bf16 is None else bf16
+    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32,
+                                                        attn_implementation="sdpa")
+    processor = AutoProcessor.from_pretrained(str(model_dir))
+    records = load_records(data_jsonl)
+    if not records:
+        raise ValueError(f"{data_jsonl} holds no conversations")
+    encoded = [encode_example(processor, r) for r in tqdm(records, desc="tokenize", unit="ex", disable=None)]
+    lengths = [len(x) for x, _ in encoded]
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    grid = int(round(_num_image_tokens(processor) ** 0.5))
+    cell_probe = CellProbe(model.config.text_config.hidden_size, grid)
+    captured: dict[str, torch.Tensor] = {}
+    hook = model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, out: captured.__setitem__("img", out))
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay + list(cell_probe.parameters()), "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    n_warm = max(1, int(warmup * steps))
+
+    def lr_at(step: int) -> float:  # step counts from 1
+        if step <= n_warm:
+            return lr * step / n_warm
+        t = (step - n_warm) / max(1, steps - n_warm)
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    probe = _collate(processor, records, encoded, list(range(min(16, len(records)))))["pixel_values"]
+    model.train()
+    batches: list[list[int]] = []
+    losses, t0, tokens = [], time.time(), 0
+    bar = tqdm(range(1, steps + 1), desc="train mini-vlm", unit="step", disable=None)
+    running = None
+    for step in bar:
+        if not batches:
+            batches = _length_grouped_batches(lengths, batch_size, g)
+        batch = _collate(processor, records, encoded, batches.pop())
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           pixel_values=batch["pixel_values"]).logits
+        labels = batch["labels"][:, 1:]
+        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=-100)
+        probe_acc = float("nan")
+        if aux_weight > 0 and batch["cells"] is not None:
+            aux, probe_acc = CellProbe.loss(cell_probe(captured["img"].float()), batch["cells"])
+            loss_total = loss + aux_weight * aux
+        else:
+            loss_total = loss
+        opt.zero_grad(set_to_none=True)
+        loss_total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+        opt.step()
+        tokens += int((labels != -100).sum())
+        running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+        bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr_at(step):.2e}")
+        if step == 1 or step % log_every == 0 or step == steps:
+            spread = image_spread(model, probe)
+            losses.append({"step": step, "loss": round(loss.item(), 5), "smoothed": round(running, 5),
+                           "grad_norm": round(float(grad_norm), 4), "image_spread": round(spread, 4),
+                           "elapsed_s": round(time.time() - t0, 1)})
+            logger.info("step %d loss %.4f (smoothed %.4f) grad %.3f lr %.2e image spread %.3f cell probe %.2f %.1fs",
+                        step, loss.item(), running, float(grad_norm), lr_at(step), spread, probe_acc, time.time() - t0)
+    train_s = time.time() - t0
+    hook.remove()
+    model.eval()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir))
+    processor.save_pretrained(str(out_dir))
+    metrics = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "bf16_autocast": bf16,
+               "n_train_examples": len(records), "assistant_tokens_seen": tokens,
+               "params": sum(p.numel() for p in model.parameters()), "train_s": round(train_s, 1),
+               "s_per_step": round(train_s / steps, 3), "first_loss": losses[0]["loss"],
+               "final_loss": losses[-1]["smoothed"], "losses": losses}
+    if eval_data is not None:
+        metrics["eval"] = evaluate_target(out_dir, eval_data)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------- eval
+@torch.no_grad()
+def evaluate_target(model_dir: str | Path, eval_jsonl: str | Path, n: int | None = None, batch_size: int = 16,
+                    predictions_out: str | Path | None = None) -> dict:
+    """Greedy answers to the first ``n`` held-out examples, graded with ``check_answer``: {task: accuracy, ...}.
+
+    ``overall`` is the accuracy over all graded examples; ``predictions_out`` (optional) receives one JSON line per
+    example with the question, the model's answer, the reference and whether it was graded correct.
+    """
+    torch.set_num_threads(NUM_THREADS)
+    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32,
+                                                        attn_implementation="sdpa").eval()
+    processor = AutoProcessor.from_pretrained(str(model_dir))
+    processor.tokenizer.padding_side = "left"  # batched generation appends on the right
+    records = load_records(eval_jsonl)[:n]
+    by_task: dict[str, list[dict]] = {}
+    for r in records:
+        by_task.setdefault(r["task"], []).append(r)
+    results, preds = {}, []
+    bar = tqdm(total=len(records), desc="evaluate mini-vlm", unit="ex", disable=None)
+    for task in sorted(by_task, key=lambda t: TASKS.index(t) if t in TASKS else len(TASKS)):
+        rs, correct = by_task[task], 0
+        for s in range(0, len(rs), batch_size):
+            chunk = rs[s:s + batch_size]
+            texts = [processor.apply_chat_template(chat_messages(r, with_answer=False), add_generation_prompt=True,
+                                                   tokenize=False) for r in chunk]
+            images = [im for r in chunk for im in _load_images(r["images"])]
+            inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+            out = model.generate(**inputs, do_sample=False, max_new_tokens=224 if task == "describe" else 48)
+            answers = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            for r, a in zip(chunk, answers):
+                ok = check_answer(r, a)
+                correct += ok
+                preds.append({"task": task, "question": r["messages"][0]["content"], "answer": a.strip(),
+                              "reference": r["messages"][1]["content"], "correct": bool(ok)})
+            bar.update(len(chunk))
+        results[task] = round(correct / len(rs), 4)
+    bar.close()
+    results["overall"] = round(sum(p["correct"] for p in preds) / max(1, len(preds)), 4)
+    if predictions_out is not None:
+        with open(predictions_out, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(p) + "\n" for p in preds)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mmspec.data_tools.train_target",
+                                     description="Generate shapes-world data, train the tokenizer, build, train and "
+                                                 "evaluate the mini-vlm target.")
+    parser.add_argument("--data-dir", required=True, help="shapes-world data (generated here when missing)")
+    parser.add_argument("--out", required=True, help="directory of the trained model, processor and metrics.json")
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--size", default="mini", help=f"one of {', '.join(SIZES)}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-train", type=int, default=40000, help="training examples to generate when missing")
+    parser.add_argument("--n-eval", type=int, default=700, help="held-out examples to generate when missing")
+    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="bfloat16 autocast (default: where the CPU supports it natively)")
+    args = parser.parse_args(argv)
+    if args.size not in SIZES:
+        parser.error(f"--size must be one of {', '.join(SIZES)}, got {args.size!r}")
+    for name in ("steps", "batch_size", "n_train", "n_eval", "log_every"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.lr <= 0:
+        parser.error(f"--lr must be positive, got {args.lr}")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    data_dir, out = Path(args.data_dir), Path(args.out)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"cannot create {e.filename}: {e.strerror}")
+    train_jsonl, eval_jsonl, tok_dir = data_dir / "train.jsonl", data_dir / "eval.jsonl", data_dir / "tokenizer"
+    if not train_jsonl.is_file():
+        make_dataset(args.n_train, data_dir, args.seed, TRAIN_TASKS, "train")
+    if not eval_jsonl.is_file():
+        # A different seed: held-out scenes; uniform over tasks so every task is graded on enough examples.
+        make_dataset(args.n_eval, data_dir, args.seed + 1_000_003, TASKS, "eval")
+    if not (tok_dir / "tokenizer.json").is_file():
+        train_tokenizer(conversation_texts(train_jsonl), tok_dir)
+    with tempfile.TemporaryDirectory(prefix="mini-vlm-init-") as init_dir:
+        build_target(tok_dir, init_dir, args.size, args.seed)
+        metrics = train_target(init_dir, train_jsonl, out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                               seed=args.seed, log_every=args.log_every, bf16=args.bf16)
+    metrics["size"] = args.size
+    metrics["eval"] = evaluate_target(out, eval_jsonl, predictions_out=out / "eval_predictions.jsonl")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
+    print(json.dumps({"eval": metrics["eval"], "train_s": metrics["train_s"], "final_loss": metrics["final_loss"]}))
+
+
+if __name__ == "__main__":
+    main()
