@@ -31,13 +31,13 @@ class BuildPlan:
     size: str = "mini"
     n_train: int = 40_000
     n_eval: int = 700
-    n_drafter: int = 2_000  # conversations the target re-answers for drafter and assistant training
+    n_drafter: int = 700  # conversations the target re-answers for drafter and assistant training
     target_steps: int = 1_200
     target_batch: int = 32
     target_lr: float = 1e-3
-    drafter_steps: int = 600
+    drafter_steps: int = 400
     drafter_batch: int = 8
-    assistant_steps: int = 400
+    assistant_steps: int = 300
     max_new_tokens: int = 150
     seed: int = 0
 

@@ -274,7 +274,10 @@ class Drafter(nn.Module):
 
     def fuse(self, hidden_states: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
         """Target hidden states (each [..., H], indexed like transformers' `hidden_states`) -> drafter feature [..., H]."""
-        feats = [hidden_states[i] for i in self.config.feature_layers]
+        return self.fuse_selected([hidden_states[i] for i in self.config.feature_layers])
+
+    def fuse_selected(self, feats: list[Tensor]) -> Tensor:
+        """The feature layers already picked out (in `feature_layers` order), each [..., H] -> [..., H]."""
         if self.fc is None:
             return feats[0].to(self.q_proj.weight.dtype)
         return self.fc(torch.cat(feats, dim=-1).to(self.fc.weight.dtype))

@@ -143,7 +143,7 @@ class DraftObjective(nn.Module):
 
     def _pairs(self, ex: Example, generator: torch.Generator | None):
         d = self.drafter
-        fused = d.fuse(ex.features)  # [n, H]
+        fused = d.fuse_selected(ex.features)  # [n, H]
         feats = fused[:-1]
         if self.training and self.noise > 0:
             rms = feats.detach().pow(2).mean(-1, keepdim=True).sqrt()

@@ -144,7 +144,7 @@ def test_a_few_steps_lower_the_loss(pipes, tiny_dir, tmp_path):
     from mmspec.data_tools.jsonl import read_conversations
 
     convs, _ = read_conversations(write_data(tmp_path, n=6))
-    d = Drafter.for_target(pipe.target, vision_adaptor=True)
+    d = Drafter.for_target(pipe.target, vision_adaptor=True, feature_layers=(0, 2, 1))  # distinct, unordered layers
     exs = [teach(pipe.target, pipe.adapter, pipe.processor, c, d.config.feature_layers, True, 1024) for c in convs]
     assert all(int(e.assistant.sum()) > 3 for e in exs)
     obj = DraftObjective(d, ttt_steps=2, noise=0.0)
