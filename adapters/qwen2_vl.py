@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 
-import torch
 from torch import Tensor, nn
 
 from .base import Adapter

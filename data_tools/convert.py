@@ -25,7 +25,6 @@ them).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os

@@ -29,7 +29,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -306,27 +305,17 @@ def _positive_int(s: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from mmspec.cli import USER_ERRORS
+    from mmspec.cli import run_guarded
 
     args = build_parser().parse_args(argv)
-    level = logging.INFO if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    try:
+    def body() -> int:
         n = regenerate(args.target, args.data, args.out, args.prompt_suffix, args.max_new_tokens, args.batch_size,
                        args.device, args.dtype)
-    except USER_ERRORS as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"regenerate: error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    logger.info("wrote %d conversations to %s", n, args.out)
-    return 0
+        logger.info("wrote %d conversations to %s", n, args.out)
+        return 0
+
+    return run_guarded("regenerate", args.verbose, body)
 
 
 if __name__ == "__main__":

@@ -170,23 +170,27 @@ def cmd_export(args) -> int:
 COMMANDS = {"caption": cmd_caption, "bench": cmd_bench, "train-drafter": cmd_train, "export-drafter": cmd_export}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
+def run_guarded(prog: str, verbose: bool, body) -> int:
+    """Logging setup and the error contract every entry point shares: a user error is one line on stderr, status 2."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     try:
-        return COMMANDS[args.command](args)
+        return body()
     except USER_ERRORS as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"mmspec {args.command}: error: {msg}", file=sys.stderr)
+        print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_guarded(f"mmspec {args.command}", args.verbose, lambda: COMMANDS[args.command](args))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .drafter import CONFIG_NAME, WEIGHTS_NAME, Drafter
+from .drafter import WEIGHTS_NAME, Drafter
 from .proposer import build_pairs
 from .target import target_forward
 
