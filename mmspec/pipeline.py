@@ -17,7 +17,7 @@ from .drafter import Drafter
 from .engine import Stats, StepEvent, decode
 from .images import load_images
 from .proposer import EagleProposer, NullProposer
-from .registry import BUILTIN_DRAFTERS, BUILTIN_TARGETS, builtin_path
+from .registry import BUILTIN_DRAFTERS, BUILTIN_TARGETS, builtin_path, is_builtin
 from .target import TargetRunner
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class StreamEvent:
 def _resolve_dir(name: str | os.PathLike, what: str) -> tuple[Path, bool]:
     """-> (directory, is_builtin). A built-in name, a local directory, or a Hugging Face id already in the local cache."""
     name_s = str(name)
-    if name_s in BUILTIN_TARGETS or name_s in BUILTIN_DRAFTERS or name_s == "mini-vlm-assistant":
+    if is_builtin(name_s):
         return builtin_path(name_s), True
     path = Path(name_s).expanduser()
     if path.is_dir():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -242,9 +243,7 @@ def _save_checkpoint(path: Path, drafter: Drafter, optimizer, scheduler, step: i
     meta = {"step": step, "param_groups": state["param_groups"], "scheduler": scheduler.state_dict()}
     (tmp / "trainer_state.json").write_text(json.dumps(meta, default=float))
     if path.exists():
-        for f in path.iterdir():
-            f.unlink()
-        path.rmdir()
+        shutil.rmtree(path)
     tmp.rename(path)  # a crash mid-save leaves the previous checkpoint intact
 
 
@@ -423,9 +422,7 @@ def train_drafter(target: str, data: str | Path, out: str | Path, cfg: TrainConf
         drafter.save_pretrained(out)
         (out / "training_metrics.json").write_text(json.dumps(metrics_out, indent=2) + "\n")
         if ckpt.is_dir():
-            for f in ckpt.iterdir():
-                f.unlink()
-            ckpt.rmdir()
+            shutil.rmtree(ckpt)
     accelerator.wait_for_everyone()
     return metrics_out
 

@@ -13,6 +13,15 @@ import torch
 from torch import Tensor
 
 
+def _check_parents(parents: Tensor) -> None:
+    """[T] CPU long: node 0 is the root (-1), every other parent comes earlier (a topological order)."""
+    if parents.numel() == 0 or int(parents[0]) != -1:
+        raise ValueError("DraftTree node 0 is the root and must have parent -1")
+    rest = parents[1:]
+    if bool(((rest < 0) | (rest >= torch.arange(1, parents.numel()))).any()):
+        raise ValueError(f"DraftTree.parents must satisfy 0 <= parents[i] < i for i > 0, got {parents.tolist()}")
+
+
 @dataclass(frozen=True)
 class DraftTree:
     tokens: Tensor  # [T] long, on the model's device
@@ -32,11 +41,7 @@ class DraftTree:
             )
         if self.parents.device.type != "cpu" or self.depths.device.type != "cpu":
             raise ValueError("DraftTree.parents and depths live on the CPU (the host walks them during acceptance)")
-        if int(self.parents[0]) != -1:
-            raise ValueError("DraftTree node 0 is the root and must have parent -1")
-        rest = self.parents[1:]
-        if bool(((rest < 0) | (rest >= torch.arange(1, t))).any()):
-            raise ValueError(f"DraftTree.parents must satisfy 0 <= parents[i] < i for i > 0, got {self.parents.tolist()}")
+        _check_parents(self.parents)
 
     @property
     def size(self) -> int:
@@ -53,10 +58,7 @@ class DraftTree:
         if parents.dim() != 1 or parents.numel() != tokens.numel():
             raise ValueError(f"parents has {parents.numel()} entries but tokens has {tokens.numel()}")
         t = parents.numel()
-        if t == 0 or int(parents[0]) != -1:
-            raise ValueError("DraftTree node 0 is the root and must have parent -1")
-        if bool(((parents[1:] < 0) | (parents[1:] >= torch.arange(1, t))).any()):
-            raise ValueError(f"DraftTree.parents must satisfy 0 <= parents[i] < i for i > 0, got {parents.tolist()}")
+        _check_parents(parents)  # before deriving anything from them
         # Topological order lets one pass in index order fill depths and ancestor rows.
         depths = torch.zeros(t, dtype=torch.long)
         anc = torch.eye(t, dtype=torch.bool)
