@@ -32,7 +32,8 @@ class BuildPlan:
     n_train: int = 40_000
     n_eval: int = 700
     n_drafter: int = 700  # conversations the target re-answers for drafter and assistant training
-    target_steps: int = 1_200
+    target_vision_steps: int = 1_000  # vision-only warm-up of mini-vlm's tower on the scene labels
+    target_steps: int = 1_500
     target_batch: int = 32
     target_lr: float = 1e-3
     drafter_steps: int = 400
@@ -44,7 +45,8 @@ class BuildPlan:
 
 PLANS = {
     "mini": BuildPlan(),
-    "micro": BuildPlan(size="micro", n_train=48, n_eval=8, n_drafter=12, target_steps=6, target_batch=8,
+    "micro": BuildPlan(size="micro", n_train=48, n_eval=8, n_drafter=12, target_vision_steps=3, target_steps=6,
+                       target_batch=8,
                        drafter_steps=3, drafter_batch=4, assistant_steps=3, max_new_tokens=24),
 }
 # held-out scenes get a seed far from the training ones (the same offset `train_target`'s CLI uses)
@@ -122,7 +124,10 @@ def build(work: Path, out: Path, plan: BuildPlan, assets: Path | None = None) ->
         build_target(tok, init, size=plan.size, seed=plan.seed)
         info["target_train"] = timed("target", lambda: train_target(init, data / "train.jsonl", target,
                                                                      steps=plan.target_steps, batch_size=plan.target_batch,
-                                                                     lr=plan.target_lr, seed=plan.seed))
+                                                                     lr=plan.target_lr, seed=plan.seed,
+                                                                     vision_warmup_steps=plan.target_vision_steps,
+                                                                     monitor_data=data / "eval.jsonl",
+                                                                     monitor_every=max(1, plan.target_steps // 4)))
     metrics_file = target / "metrics.json"
     if _stage("target-eval", metrics_file):
         evaluation = timed("target-eval", lambda: evaluate_target(target, data / "eval.jsonl"))

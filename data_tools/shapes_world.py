@@ -158,22 +158,34 @@ def _background(scene: Scene) -> torch.Tensor:
     return base.clamp(0, 255).to(torch.uint8)
 
 
-def render(scene: Scene) -> Image.Image:
-    """Render a scene as a 64x64 RGB PIL image."""
-    bg = _background(scene)
-    img = Image.frombytes("RGB", (SIZE_PX, SIZE_PX), bytes(bg.flatten().tolist()))
-    big = img.resize((SIZE_PX * SUPERSAMPLE,) * 2, Image.Resampling.NEAREST)
+def _draw_objects(image: Image.Image, scene: Scene, fill=None) -> Image.Image:
+    """Draw the scene's objects on a 64x64 image at 4x scale and box-filter back: smooth edges, exact interiors.
+
+    ``fill`` overrides every object's colour (the object mask draws all of them white on black)."""
+    big = image.resize((SIZE_PX * SUPERSAMPLE,) * 2, Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(big)
     for o in scene.objects:
         cx, cy = (v * SUPERSAMPLE for v in cell_centre(o))
         r = RADIUS[o.size] * SUPERSAMPLE
-        pts = _outline(o.shape, cx, cy, r)
+        pts, colour = _outline(o.shape, cx, cy, r), COLOURS[o.colour] if fill is None else fill
         if pts is None:
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[o.colour])
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
         else:
-            draw.polygon(pts, fill=COLOURS[o.colour])
+            draw.polygon(pts, fill=colour)
     # A box filter averages each 4x4 block: background blocks are uniform, so noise and gradient survive exactly.
     return big.resize((SIZE_PX, SIZE_PX), Image.Resampling.BOX)
+
+
+def render(scene: Scene) -> Image.Image:
+    """Render a scene as a 64x64 RGB PIL image."""
+    bg = _background(scene)
+    return _draw_objects(Image.frombytes("RGB", (SIZE_PX, SIZE_PX), bytes(bg.flatten().tolist())), scene)
+
+
+def object_mask(scene: Scene) -> torch.Tensor:
+    """(64, 64) float in [0, 1]: how much of each pixel the scene's objects cover, whatever their colours."""
+    mask = _draw_objects(Image.new("L", (SIZE_PX, SIZE_PX), 0), scene, fill=255)
+    return torch.frombuffer(bytearray(mask.tobytes()), dtype=torch.uint8).view(SIZE_PX, SIZE_PX).float() / 255
 
 
 # ------------------------------------------------------------------------------------------------------------ text

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from mmspec.data_tools import train_target as tt
-from mmspec.data_tools.shapes_world import TASKS, make_dataset
+from mmspec.data_tools.shapes_world import TASKS, Obj, Scene, make_dataset
 from mmspec.data_tools.tokenizer import conversation_texts, train_tokenizer
 
 
@@ -51,9 +51,11 @@ def test_micro_build_train_reload_generate(micro):
     config = json.loads((init / "config.json").read_text())
     assert config["model_type"] == "llava" and config["text_config"]["max_position_embeddings"] >= 1024
     out = root / "trained"
-    metrics = tt.train_target(init, data, out, steps=12, batch_size=10, lr=3e-3, seed=0, log_every=1, bf16=False)
+    metrics = tt.train_target(init, data, out, steps=12, batch_size=10, lr=3e-3, seed=0, log_every=1, bf16=False,
+                              vision_warmup_steps=2, monitor_data=data, monitor_every=6, monitor_n=4)
     losses = [entry["loss"] for entry in metrics["losses"]]
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert len(metrics["vision_warmup"]) == 2 and [m["step"] for m in metrics["monitor"]] == [6, 12]
     assert (out / "model.safetensors").is_file()
 
     model = AutoModelForImageTextToText.from_pretrained(str(out)).eval()
@@ -71,6 +73,36 @@ def test_micro_build_train_reload_generate(micro):
 
     scores = tt.evaluate_target(out, data, n=6)
     assert set(scores) >= {"overall"} and all(0.0 <= v <= 1.0 for v in scores.values())
+
+
+def test_scene_labels_mark_the_objects_cells_and_patches():
+    scene = Scene((Obj("star", "red", "large", 0), Obj("circle", "blue", "small", 8, 1, -1)), "gray").to_dict()
+    cells, patches = tt.cell_labels(scene), tt.patch_labels(scene, 8).view(8, 8, 3)
+    star, circle = [1 + tt.SHAPES.index("star"), 1, 2], [1 + tt.SHAPES.index("circle"), 3, 1]
+    assert cells[0].tolist() == star and cells[8].tolist() == circle and not cells[1:8].any()
+    # Patch centres inside each object's disc carry its labels; the centre of the image and the far corners do not.
+    assert patches[1, 1].tolist() == star and patches[6, 6].tolist() == circle
+    assert not patches[3:5, 3:5].any() and not patches[0, 7].any() and not patches[7, 0].any()
+    assert 2 <= int((patches[..., 0] > 0).sum()) <= 20
+
+
+def test_vision_warmup_trains_the_tower_only(micro):
+    _, data, init = micro
+    model = AutoModelForImageTextToText.from_pretrained(str(init))
+    processor = AutoProcessor.from_pretrained(str(init))
+    records = tt.load_records(data)
+    decoder = {k: v.clone() for k, v in model.model.language_model.state_dict().items()}
+    tower = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
+    probe = tt.VisionProbe(model.config.text_config.hidden_size, 4)
+    log = tt.vision_warmup(model, processor, records, probe, steps=8, batch_size=8, lr=3e-3,
+                           g=torch.Generator().manual_seed(0), bf16=False, log_every=1)
+    assert len(log) == 8 and log[-1]["loss"] < log[0]["loss"]
+    assert all(torch.equal(v, model.model.language_model.state_dict()[k]) for k, v in decoder.items())
+    assert any(not torch.equal(v, model.model.vision_tower.state_dict()[k]) for k, v in tower.items())
+    text_only = [{**r, "images": [], "scene": None} for r in records]
+    with pytest.raises(ValueError, match="single-image records"):
+        tt.vision_warmup(model, processor, text_only, probe, steps=1, batch_size=2, lr=1e-3,
+                         g=torch.Generator().manual_seed(0), bf16=False, log_every=1)
 
 
 def test_same_seed_same_weights(micro, tmp_path):
