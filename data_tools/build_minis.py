@@ -32,7 +32,7 @@ class BuildPlan:
     n_train: int = 40_000
     n_eval: int = 700
     n_drafter: int = 700  # conversations the target re-answers for drafter and assistant training
-    target_vision_steps: int = 1_000  # vision-only warm-up of mini-vlm's tower on the scene labels
+    target_vision_steps: int = 700  # vision-only warm-up of mini-vlm's tower on the scene labels (then frozen)
     target_steps: int = 1_500
     target_batch: int = 32
     target_lr: float = 1e-3
@@ -126,6 +126,7 @@ def build(work: Path, out: Path, plan: BuildPlan, assets: Path | None = None) ->
                                                                      steps=plan.target_steps, batch_size=plan.target_batch,
                                                                      lr=plan.target_lr, seed=plan.seed,
                                                                      vision_warmup_steps=plan.target_vision_steps,
+                                                                     freeze_vision_tower=True,
                                                                      monitor_data=data / "eval.jsonl",
                                                                      monitor_every=max(1, plan.target_steps // 4)))
     metrics_file = target / "metrics.json"

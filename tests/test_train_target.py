@@ -105,6 +105,17 @@ def test_vision_warmup_trains_the_tower_only(micro):
                          g=torch.Generator().manual_seed(0), bf16=False, log_every=1)
 
 
+def test_frozen_vision_tower_stays_put(micro, tmp_path):
+    _, data, init = micro
+    tt.train_target(init, data, tmp_path / "out", steps=3, batch_size=6, lr=3e-3, seed=0, bf16=False,
+                    freeze_vision_tower=True)
+    before = AutoModelForImageTextToText.from_pretrained(str(init)).state_dict()
+    after = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "out")).state_dict()
+    tower = [k for k in before if ".vision_tower." in k or k.startswith("vision_tower.")]
+    assert tower and all(torch.equal(before[k], after[k]) for k in tower)
+    assert not all(torch.equal(before[k], after[k]) for k in before if "multi_modal_projector" in k)
+
+
 def test_same_seed_same_weights(micro, tmp_path):
     root, data, _ = micro
     a = tt.build_target(root / "tok", tmp_path / "a", size="micro", seed=5)
