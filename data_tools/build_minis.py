@@ -33,7 +33,7 @@ class BuildPlan:
     n_eval: int = 700
     n_drafter: int = 700  # conversations the target re-answers for drafter and assistant training
     target_vision_steps: int = 700  # vision-only warm-up of mini-vlm's tower on the scene labels (then frozen)
-    target_steps: int = 1_500
+    target_steps: int = 2_400
     target_batch: int = 32
     target_lr: float = 1e-3
     drafter_steps: int = 400

@@ -44,8 +44,7 @@ from transformers import (
     LlavaProcessor,
 )
 
-from .shapes_world import (COLOURS, RADIUS, SHAPES, SIZE_PX, TASKS, Obj, cell_centre, check_answer,
-                           make_dataset)
+from .shapes_world import COLOURS, SHAPES, SIZE_PX, TASKS, check_answer, make_dataset
 from .shapes_world import SIZES as SIZES_WORDS
 from .tokenizer import IMAGE, conversation_texts, train_tokenizer
 
@@ -73,16 +72,16 @@ class TargetSize:
 
 SIZES = {
     # ~15 M parameters: one decode step costs several ms on a 2-core CPU, far above framework overhead, so a drafter
-    # that saves target forwards saves real time. 63-px inputs in 7-px patches: 81 image tokens, and every grid cell
-    # is exactly 3x3 patches, so a shape looks the same to the ViT in every cell; with 8-px patches on 64 px, each
-    # cell cuts its objects differently and the ViT learns shapes about half as fast (pilot: 0.19 vs 0.37 after 150
-    # steps).
-    "mini": TargetSize(vision_hidden=256, vision_layers=4, vision_heads=4, patch=7,
-                       hidden=384, layers=6, heads=6, kv_heads=6, intermediate=1024, image_px=63),
+    # that saves target forwards saves real time. 60-px inputs in 10-px patches: 36 image tokens, and every grid cell
+    # is exactly 2x2 patches, so a shape looks the same to the ViT in every cell (with 8-px patches on 64 px each
+    # cell cuts its objects differently, and a pilot learned shapes about half as fast). Few image tokens also keep
+    # the decoder's sequences short: a from-scratch decoder learns to look things up over thousands of steps.
+    "mini": TargetSize(vision_hidden=256, vision_layers=4, vision_heads=4, patch=10,
+                       hidden=384, layers=6, heads=6, kv_heads=6, intermediate=1024, image_px=60),
     # ~2 M parameters, 2 decoder layers: mini-vlm-assistant, the draft model of transformers' assisted generation.
-    # It reads the target's input ids as they are, so it keeps the target's 81 image tokens (same patch size).
-    "assistant": TargetSize(vision_hidden=128, vision_layers=2, vision_heads=2, patch=7,
-                            hidden=256, layers=2, heads=4, kv_heads=4, intermediate=512, image_px=63),
+    # It reads the target's input ids as they are, so it keeps the target's 36 image tokens (same patch size).
+    "assistant": TargetSize(vision_hidden=128, vision_layers=2, vision_heads=2, patch=10,
+                            hidden=256, layers=2, heads=4, kv_heads=4, intermediate=512, image_px=60),
     # A few hundred thousand parameters and 16 image tokens: for tests of the build path, trains in seconds.
     "micro": TargetSize(vision_hidden=32, vision_layers=1, vision_heads=2, patch=16,
                         hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128),
@@ -226,9 +225,10 @@ class VisionProbe(torch.nn.Module):
     Trained from scratch with a text loss alone, a LLaVA on templated answers learns the text prior long before its
     vision tower says anything useful, and the image tokens collapse (``image_spread`` falls to ~0.05 within 100
     steps). Two dense signals keep them informative: a cell head reads each 3x3 grid cell's object (shape, colour,
-    size, or empty) from the tokens pooled over the cell, and a patch head reads the same from every single token
-    whose patch centre lies inside an object. Colour and size are learned in a few dozen steps; shape is what a ViT
-    from scratch learns slowly, and the per-patch labels give it 64 targets per image instead of 9.
+    size, or empty) from the tokens pooled over the cell, and a patch head reads the cell's object and the cell
+    itself from every single token (:func:`patch_labels`). Colour and size are learned in a few dozen steps; shape
+    is what a ViT from scratch learns slowly. With attributes and cell linearly readable from every token, "what
+    colour is the circle at the top left" becomes one attention lookup for the decoder.
     """
 
     SPLITS = (len(SHAPES) + 1, len(COLOURS) + 1, len(SIZES_WORDS) + 1)  # class 0 = no object
@@ -238,9 +238,7 @@ class VisionProbe(torch.nn.Module):
         self.grid = grid
         self.cell = torch.nn.Linear(hidden, sum(self.SPLITS))
         self.patch = torch.nn.Linear(hidden, sum(self.SPLITS) + 9)
-        centres = (torch.arange(grid) + 0.5) * SIZE_PX / grid
-        row = (centres * 3 / SIZE_PX).long()
-        self.register_buffer("patch_cell", (row[:, None] * 3 + row[None, :]).flatten(), persistent=False)
+        self.register_buffer("patch_cell", patch_cells(grid), persistent=False)
 
     def forward(self, image_tokens: torch.Tensor, cells: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """image_tokens [N, grid*grid, H]; cells [N, 9, 3] and patches [N, grid*grid, 3] class ids ->
@@ -278,18 +276,19 @@ def cell_labels(scene: dict) -> torch.Tensor:
     return out
 
 
+def patch_cells(grid: int) -> torch.Tensor:
+    """[grid*grid] the 3x3 grid cell (0..8) each image patch's centre lies in, row-major."""
+    row = ((torch.arange(grid) + 0.5) * 3 / grid).long()
+    return (row[:, None] * 3 + row[None, :]).flatten()
+
+
 def patch_labels(scene: dict, grid: int) -> torch.Tensor:
-    """[grid*grid, 3] class ids per image patch (row-major): the object whose disc holds the patch centre, else 0."""
-    out = torch.zeros(grid * grid, 3, dtype=torch.long)
-    step = SIZE_PX / grid
-    centres = (torch.arange(grid) + 0.5) * step
-    ys, xs = torch.meshgrid(centres, centres, indexing="ij")
-    for o in scene["objects"]:
-        obj = Obj(o["shape"], o["colour"], o["size"], o["cell"], o.get("dx", 0), o.get("dy", 0))
-        cx, cy = cell_centre(obj)
-        inside = ((xs - cx) ** 2 + (ys - cy) ** 2 <= (0.9 * RADIUS[obj.size]) ** 2).flatten()
-        out[inside] = _object_ids(o)
-    return out
+    """[grid*grid, 3] class ids per image patch: those of the object in the patch's grid cell, else 0.
+
+    Every patch of an occupied cell carries the object, not only the patches it covers: the decoder then counts
+    objects as a fraction of tokens whatever their sizes, and finds "the circle at the top left" in any of the cell's
+    tokens. With a grid of a multiple of 3 (mini-vlm: 6) the cells are exactly whole patches."""
+    return cell_labels(scene)[patch_cells(grid)]
 
 
 def _scene_labels(records: list[dict], idx: list[int], grid: int) -> tuple[torch.Tensor, torch.Tensor] | None:
