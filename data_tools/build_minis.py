@@ -128,7 +128,7 @@ def build(work: Path, out: Path, plan: BuildPlan, assets: Path | None = None) ->
                                                                      vision_warmup_steps=plan.target_vision_steps,
                                                                      freeze_vision_tower=True,
                                                                      monitor_data=data / "eval.jsonl",
-                                                                     monitor_every=max(1, plan.target_steps // 4)))
+                                                                     monitor_every=max(1, plan.target_steps // 8)))
     metrics_file = target / "metrics.json"
     if _stage("target-eval", metrics_file):
         evaluation = timed("target-eval", lambda: evaluate_target(target, data / "eval.jsonl"))
