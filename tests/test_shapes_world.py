@@ -262,9 +262,12 @@ def test_tokenizer_round_trips_and_renders_chat_template(tokenizer_dir):
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the star?"}]},
             {"role": "assistant", "content": "It is red."}]
     full = tok.apply_chat_template(msgs, tokenize=False)
-    assert full == "<s>USER: <image>\nWhat colour is the star? ASSISTANT: It is red.</s>"
+    # The question comes before the image whatever the order of the parts (the decoder reads better that way).
+    assert full == "<s>USER: What colour is the star?\n<image> ASSISTANT: It is red.</s>"
     prompt = tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
-    assert prompt == "<s>USER: <image>\nWhat colour is the star? ASSISTANT:"
+    assert prompt == "<s>USER: What colour is the star?\n<image> ASSISTANT:"
+    two = [{"role": "user", "content": [{"type": "text", "text": "Same?"}, {"type": "image"}, {"type": "image"}]}]
+    assert tok.apply_chat_template(two, tokenize=False) == "<s>USER: Same?\n<image>\n<image> "
     assert tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False) == "<s>USER: Hi "
     enc = tok.apply_chat_template(msgs, return_dict=True, return_assistant_tokens_mask=True)
     ids, mask = enc["input_ids"], enc["assistant_masks"]
