@@ -331,8 +331,7 @@ def image_spread(model, pixel_values: torch.Tensor) -> float:
     output grows a large image-independent component and this ratio falls towards 0 while the loss still falls on
     the text prior alone. Logged so such a run is stopped early.
     """
-    feats = model.model.get_image_features(pixel_values=pixel_values).pooler_output
-    feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats  # (N, tokens, hidden)
+    feats = _image_tokens(model, pixel_values)
     return float(feats.std(0).mean() / feats.std().clamp_min(1e-12))
 
 
