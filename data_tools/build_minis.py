@@ -1,11 +1,12 @@
 """Rebuild every built-in mini model from nothing: `python -m mmspec.data_tools.build_minis`.
 
-    shapes-world data -> tokenizer -> mini-vlm (trained target) -> mini-vlm's own answers (regenerate)
+    shapes-world data -> tokenizer -> mini-vlm (vision warm-up, joint run, short-answer stage)
+      -> mini-vlm's own answers (regenerate)
       -> mini-vlm-vispec + mini-vlm-eagle (train-drafter, same data and steps) -> mini-vlm-assistant (distilled)
       -> fp16 safetensors under mmspec/models/, a sample scene under mmspec/assets/, build_info.json
 
 Every stage is seeded and skipped when its output already exists in --work, so an interrupted build resumes. The
-default sizes take about an hour on a 2-core CPU; --size micro runs the whole path in a minute (the test suite does).
+default sizes take about 80 minutes on a 2-core CPU; --size micro runs the whole path in a minute (the test suite does).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class BuildPlan:
     target_steps: int = 2_400
     target_batch: int = 32
     target_lr: float = 1e-3
+    qa_steps: int = 1_200  # then short answers only, each answer weighing the same (see QA_SHARE)
+    qa_lr: float = 5e-4
     drafter_steps: int = 400
     drafter_batch: int = 8
     assistant_steps: int = 300
@@ -46,9 +49,18 @@ class BuildPlan:
 PLANS = {
     "mini": BuildPlan(),
     "micro": BuildPlan(size="micro", n_train=48, n_eval=8, n_drafter=12, target_vision_steps=3, target_steps=6,
-                       target_batch=8,
+                       # a stronger short-answer step teaches the micro model to stop at once (empty answers)
+                       target_batch=8, qa_steps=3, qa_lr=1e-5,
                        drafter_steps=3, drafter_batch=4, assistant_steps=3, max_new_tokens=24),
 }
+# The share of each task's training conversations the short-answer stage keeps. After the joint run mini-vlm reads
+# the scene (shape answers 79 %) but binds a question to its object only ~70 % of the time, gaining ~5 points per
+# 300 joint steps. 1200 steps mostly on count and colour questions, every answer weighing the same, took held-out
+# colour from 70 to 97 % and count from 69 to 81 % (a further 400 count-heavy steps left count at ~79 %: it finds
+# the object but says "one" for zero, two or three matches). A few descriptions and the other tasks stay in so the
+# long answers the drafters learn from are not forgotten.
+QA_SHARE = {"count": 1.0, "colour": 1.0, "shape": 0.3, "position": 0.3, "yesno": 0.5, "compare": 0.5,
+            "describe": 0.1}
 # held-out scenes get a seed far from the training ones (the same offset `train_target`'s CLI uses)
 EVAL_SEED_OFFSET = 1_000_003
 DRAFTER_SEED_OFFSET = 7
@@ -86,6 +98,18 @@ def _half_copy_drafter(src: Path, dst: Path) -> None:
     (dst / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def select_tasks(src: Path, dst: Path, share: dict[str, float], seed: int) -> int:
+    """Write to ``dst`` each line of the JSONL ``src`` with probability ``share[task]`` (seeded); returns the count."""
+    g = torch.Generator().manual_seed(seed)
+    kept = 0
+    with open(src, encoding="utf-8") as f, open(dst, "w", encoding="utf-8") as out:
+        for line in f:
+            if torch.rand((), generator=g).item() < share.get(json.loads(line)["task"], 0.0):
+                out.write(line)
+                kept += 1
+    return kept
+
+
 def build(work: Path, out: Path, plan: BuildPlan, assets: Path | None = None) -> dict:
     from mmspec.train import TrainConfig, train_drafter
 
@@ -118,17 +142,25 @@ def build(work: Path, out: Path, plan: BuildPlan, assets: Path | None = None) ->
     if _stage("tokenizer", tok / "tokenizer.json"):
         timed("tokenizer", lambda: train_tokenizer(conversation_texts(data / "train.jsonl"), tok))
 
-    target = work / "mini-vlm"
-    if _stage("target", target / "model.safetensors"):
+    joint, target = work / "mini-vlm-joint", work / "mini-vlm"
+    if _stage("target", joint / "model.safetensors"):
         init = work / "mini-vlm-init"
         build_target(tok, init, size=plan.size, seed=plan.seed)
-        info["target_train"] = timed("target", lambda: train_target(init, data / "train.jsonl", target,
+        info["target_train"] = timed("target", lambda: train_target(init, data / "train.jsonl", joint,
                                                                      steps=plan.target_steps, batch_size=plan.target_batch,
                                                                      lr=plan.target_lr, seed=plan.seed,
                                                                      vision_warmup_steps=plan.target_vision_steps,
                                                                      freeze_vision_tower=True,
                                                                      monitor_data=data / "eval.jsonl",
                                                                      monitor_every=max(1, plan.target_steps // 8)))
+    if _stage("target-qa", target / "model.safetensors"):
+        select_tasks(data / "train.jsonl", data / "qa.jsonl", QA_SHARE, plan.seed)
+        info["target_qa"] = timed("target-qa", lambda: train_target(joint, data / "qa.jsonl", target,
+                                                                    steps=plan.qa_steps, batch_size=plan.target_batch,
+                                                                    lr=plan.qa_lr, seed=plan.seed + 1,
+                                                                    freeze_vision_tower=True, per_example_loss=True,
+                                                                    monitor_data=data / "eval.jsonl",
+                                                                    monitor_every=max(1, plan.qa_steps // 8)))
     metrics_file = target / "metrics.json"
     if _stage("target-eval", metrics_file):
         evaluation = timed("target-eval", lambda: evaluate_target(target, data / "eval.jsonl"))

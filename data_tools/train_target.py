@@ -323,6 +323,20 @@ def _collate(processor, records: list[dict], encoded: list[tuple[list[int], list
             "scene_labels": _scene_labels(records, idx, grid)}
 
 
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor, per_example: bool) -> torch.Tensor:
+    """Next-token cross-entropy over the labelled (assistant) tokens: logits [B, T, V], labels [B, T] (-100 = none).
+
+    ``per_example``: the mean over each row's tokens, then over the rows that have any; otherwise over all tokens."""
+    token = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                            reduction="none").view(labels.shape)
+    mask = (labels != -100).float()
+    if not per_example:
+        return (token * mask).sum() / mask.sum().clamp_min(1)
+    n = mask.sum(1)
+    rows = n > 0
+    return ((token * mask).sum(1)[rows] / n[rows]).mean()
+
+
 @torch.no_grad()
 def image_spread(model, pixel_values: torch.Tensor) -> float:
     """How much the projected image tokens differ between images, relative to their size (pixel_values: (N, 3, H, W)).
@@ -404,7 +418,8 @@ def train_target(model_dir: str | Path, data_jsonl: str | Path, out_dir: str | P
                  eval_data: str | Path | None = None, warmup: float = 0.05, weight_decay: float = 0.05,
                  clip_norm: float = 1.0, bf16: bool | None = None, aux_weight: float = 1.0,
                  vision_warmup_steps: int = 0, freeze_vision_tower: bool = False,
-                 monitor_data: str | Path | None = None, monitor_every: int = 0, monitor_n: int = 96) -> dict:
+                 monitor_data: str | Path | None = None, monitor_every: int = 0, monitor_n: int = 96,
+                 per_example_loss: bool = False) -> dict:
     """Train the model in ``model_dir`` on the assistant tokens of ``data_jsonl``; save model + processor to ``out_dir``.
 
     ``vision_warmup_steps`` > 0 first runs :func:`vision_warmup` (batches twice ``batch_size``). The joint stage then
@@ -415,6 +430,9 @@ def train_target(model_dir: str | Path, data_jsonl: str | Path, out_dir: str | P
     gradients clipped to ``clip_norm``. ``bf16``: bfloat16 autocast (fp32 master weights); None turns it on where
     the CPU has native bfloat16. ``monitor_data``/``monitor_every``: grade greedy answers to the first
     ``monitor_n`` count and colour questions of that JSONL every so many steps (logged, kept in the metrics).
+    ``per_example_loss``: every answer weighs the same (token losses averaged within each answer, then over the
+    batch) rather than every token: with a token mean a long description outweighs a one-word colour answer some
+    twentyfold, and the colour lookup is learned that much slower (see ``answer_loss``).
     Returns metrics (losses, time, and ``eval`` when ``eval_data``).
     """
     if steps <= 0 or batch_size <= 0 or lr <= 0 or vision_warmup_steps < 0:
@@ -470,8 +488,7 @@ def train_target(model_dir: str | Path, data_jsonl: str | Path, out_dir: str | P
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            pixel_values=batch["pixel_values"]).logits
         labels = batch["labels"][:, 1:]
-        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=-100)
+        loss = answer_loss(logits[:, :-1], labels, per_example_loss)
         shape_acc, loss_total = float("nan"), loss
         if aux_weight > 0 and batch["scene_labels"] is not None:
             aux, stats = probe(captured["img"].float(), *batch["scene_labels"])
@@ -504,6 +521,7 @@ def train_target(model_dir: str | Path, data_jsonl: str | Path, out_dir: str | P
     processor.save_pretrained(str(out_dir))
     model.requires_grad_(True)
     metrics = {"steps": steps, "vision_warmup_steps": vision_warmup_steps, "freeze_vision_tower": freeze_vision_tower,
+               "per_example_loss": per_example_loss,
                "batch_size": batch_size, "lr": lr,
                "seed": seed, "bf16_autocast": bf16, "n_train_examples": len(records), "assistant_tokens_seen": tokens,
                "params": sum(p.numel() for p in model.parameters()), "train_s": round(train_s, 1),

@@ -86,6 +86,20 @@ def test_scene_labels_mark_the_objects_cells_and_patches():
     assert tt.patch_cells(6).view(6, 6)[2:4, 2:4].eq(4).all() and tt.patch_cells(9).bincount().eq(9).all()
 
 
+def test_answer_loss_weighs_every_answer_once():
+    # Row 0 has one labelled token with loss ~ln(V); row 1 three tokens the logits already predict (loss ~0).
+    v = 5
+    logits = torch.zeros(2, 3, v)
+    logits[1, torch.arange(3), torch.tensor([1, 2, 3])] = 50.0
+    labels = torch.tensor([[-100, -100, 0], [1, 2, 3]])
+    uniform = torch.log(torch.tensor(float(v)))
+    assert torch.allclose(tt.answer_loss(logits, labels, per_example=True), uniform / 2)
+    assert torch.allclose(tt.answer_loss(logits, labels, per_example=False), uniform / 4)
+    # A row with no labelled token (a truncated answer) is left out rather than counted as zero loss.
+    labels[0] = -100
+    assert torch.allclose(tt.answer_loss(logits, labels, per_example=True), torch.tensor(0.0), atol=1e-6)
+
+
 def test_vision_warmup_trains_the_tower_only(micro):
     _, data, init = micro
     model = AutoModelForImageTextToText.from_pretrained(str(init))
