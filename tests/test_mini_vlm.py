@@ -32,10 +32,12 @@ def test_vispec_is_lossless_and_accepts_long_paths(pipe):
     assert sum(taus) / len(taus) > 2.5, taus
 
 
-def test_the_model_sees(pipe):
-    """mini-vlm answers from the image. Colour questions are the probe: a model that ignores its image tokens (what a
-    from-scratch LLaVA collapses into) scores ~10 % (its first build did); the shipped one scores ~59 % on held-out scenes
-    (build_info.json). The draw is seeded and decoding greedy, so the count is deterministic for a given model."""
+@pytest.mark.parametrize("task, floor", [("colour", 17), ("count", 15)])
+def test_the_model_sees(pipe, task, floor):
+    """mini-vlm answers from the image. A model that ignores its image tokens (what a from-scratch LLaVA collapses
+    into) names the right colour ~10 % of the time and guesses counts at about the rate "one" is right (~55 %); the
+    shipped one answers 97 % of colour and 81 % of count questions on held-out scenes (build_info.json) and 20 and 19
+    of these 20. The draw is seeded and decoding greedy, so the count is deterministic for a given model."""
     from mmspec.data_tools.shapes_world import check_answer, make_example, render, sample_scene
     import torch
 
@@ -43,10 +45,10 @@ def test_the_model_sees(pipe):
     right = 0
     for _ in range(20):
         scene = sample_scene(g)
-        ex = make_example(scene, "colour", g)
+        ex = make_example(scene, task, g)
         res = pipe.generate(ex["messages"][0]["content"], [render(scene)], max_new_tokens=24)
         right += check_answer(ex, res.text)
-    assert right >= 8, right
+    assert right >= floor, right
 
 
 def test_sampling_runs_are_seeded(pipe):
