@@ -56,7 +56,7 @@ PLANS = {
 # The share of each task's training conversations the short-answer stage keeps. After the joint run mini-vlm reads
 # the scene (shape answers 79 %) but binds a question to its object only ~70 % of the time, gaining ~5 points per
 # 300 joint steps. 1200 steps mostly on count and colour questions, every answer weighing the same, took held-out
-# colour from 70 to 97 % and count from 69 to 81 % (a further 400 count-heavy steps left count at ~79 %: it finds
+# colour from 70 to 97 % and count from 69 to 81 % (300 further count-heavy steps left count at ~78 %: it finds
 # the object but says "one" for zero, two or three matches). A few descriptions and the other tasks stay in so the
 # long answers the drafters learn from are not forgotten.
 QA_SHARE = {"count": 1.0, "colour": 1.0, "shape": 0.3, "position": 0.3, "yesno": 0.5, "compare": 0.5,

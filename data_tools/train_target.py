@@ -431,8 +431,8 @@ def train_target(model_dir: str | Path, data_jsonl: str | Path, out_dir: str | P
     the CPU has native bfloat16. ``monitor_data``/``monitor_every``: grade greedy answers to the first
     ``monitor_n`` count and colour questions of that JSONL every so many steps (logged, kept in the metrics).
     ``per_example_loss``: every answer weighs the same (token losses averaged within each answer, then over the
-    batch) rather than every token: with a token mean a long description outweighs a one-word colour answer some
-    twentyfold, and the colour lookup is learned that much slower (see ``answer_loss``).
+    batch) rather than every token, which lets a long description outweigh a one-word colour answer some twentyfold
+    (``answer_loss``; build_minis' short-answer stage uses it).
     Returns metrics (losses, time, and ``eval`` when ``eval_data``).
     """
     if steps <= 0 or batch_size <= 0 or lr <= 0 or vision_warmup_steps < 0:
