@@ -228,8 +228,8 @@ class VisionProbe(torch.nn.Module):
     size, or empty) from the tokens pooled over the cell, and a patch head reads the cell's object and the cell
     itself from every single token (:func:`patch_labels`). Colour and size are learned in a few dozen steps; shape
     is what a ViT from scratch learns slowly. With attributes and cell linearly readable from every token, "what
-    colour is the circle at the top left" is one attention lookup away for the decoder (which, in runs of up to 1200
-    joint steps, it had not yet learned: see the README).
+    colour is the circle at the top left" is one attention lookup away for the decoder (which the joint run alone
+    learns to ~70 % and build_minis' short-answer stage to 97 %: see the README).
     """
 
     SPLITS = (len(SHAPES) + 1, len(COLOURS) + 1, len(SIZES_WORDS) + 1)  # class 0 = no object
@@ -286,7 +286,7 @@ def patch_cells(grid: int) -> torch.Tensor:
 def patch_labels(scene: dict, grid: int) -> torch.Tensor:
     """[grid*grid, 3] class ids per image patch: those of the object in the patch's grid cell, else 0.
 
-    Every patch of an occupied cell carries the object, not only the patches it covers: the decoder then counts
+    Every patch of an occupied cell carries the object, not only the patches it covers, so the decoder can count
     objects as a fraction of tokens whatever their sizes, and finds "the circle at the top left" in any of the cell's
     tokens. With a grid of a multiple of 3 (mini-vlm: 6) the cells are exactly whole patches."""
     return cell_labels(scene)[patch_cells(grid)]
