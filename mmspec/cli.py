@@ -88,6 +88,8 @@ def build_parser() -> Parser:
     tr.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
     tr.add_argument("--save-every", type=_positive_int, default=200)
     tr.add_argument("--max-length", type=_positive_int, default=1024)
+    tr.add_argument("--teacher-cache-gb", type=_nonneg_float, default=2.0,
+                    help="host memory for the target's signals, reused across epochs (0: recompute every time)")
     tr.add_argument("--device", default=None, help="cpu or cuda (default: what accelerate picks)")
 
     ex = sub.add_parser("export-drafter", help="write a drafter in another engine's checkpoint layout")

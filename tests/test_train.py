@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import mmspec
 from mmspec import Drafter
@@ -195,6 +196,23 @@ def test_resume_from_checkpoint(trained, tiny_dir, tmp_path, caplog):
                           eval_fraction=0.0, ttt_steps=2), device="cpu")
     assert m["steps"] == 5 and "resumed" in caplog.text
     assert (resumed / "model.safetensors").is_file() and not (resumed / "checkpoint").exists()
+
+
+def test_teacher_cache_changes_nothing_but_time(tiny_dir, tmp_path):
+    # 3 epochs over 8 conversations: the cached run reuses the teacher's signals, and must train the same weights
+    data = write_data(tmp_path, n=8)
+    outs, reuses = [], []
+    for gb in (0.0, 1.0):
+        cfg = TrainConfig(max_steps=6, batch_size=4, lr=3e-3, warmup_steps=1, eval_fraction=0.0, ttt_steps=2,
+                          teacher_cache_gb=gb)
+        m = train_drafter(str(tiny_dir("llava")), data, tmp_path / f"d{gb}", cfg, device="cpu")
+        outs.append(load_file(str(tmp_path / f"d{gb}" / "model.safetensors")))
+        reuses.append(m["teacher_cache_reuses"])
+    assert reuses == [0, 16]
+    assert outs[0].keys() == outs[1].keys()
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+    with pytest.raises(ValueError, match="teacher_cache_gb"):
+        TrainConfig(teacher_cache_gb=-1.0)
 
 
 def test_output_dir_is_never_overwritten(tiny_dir, tmp_path):
