@@ -402,13 +402,15 @@ def train_drafter(target: str, data: str | Path, out: str | Path, cfg: TrainConf
 
     cache = TeacherCache(int(cfg.teacher_cache_gb * 2**30))
 
+    def teach_one(conv) -> Example:
+        return teach(model, adapter, processor, conv, drafter.config.feature_layers, want_embeds, cfg.max_length)
+
     def batch_examples(items, cached: bool = True):
         exs = []
         for conv in items:
-            compute = lambda conv=conv: teach(model, adapter, processor, conv, drafter.config.feature_layers,  # noqa: E731
-                                              want_embeds, cfg.max_length)
             try:
-                exs.append(cache.get(conv.line_no, accelerator.device, compute) if cached else compute())
+                exs.append(cache.get(conv.line_no, accelerator.device, lambda c=conv: teach_one(c)) if cached
+                           else teach_one(conv))
             except (ValueError, OSError) as e:  # one bad example must not end a long run
                 skipped["count"] += 1
                 logger.warning("skipping %s", e)
