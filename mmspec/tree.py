@@ -59,20 +59,29 @@ class DraftTree:
             raise ValueError(f"parents has {parents.numel()} entries but tokens has {tokens.numel()}")
         t = parents.numel()
         _check_parents(parents)  # before deriving anything from them
-        # Topological order lets one pass in index order fill depths and ancestor rows.
-        depths = torch.zeros(t, dtype=torch.long)
-        anc = torch.eye(t, dtype=torch.bool)
-        for i, p in enumerate(parents.tolist()[1:], start=1):
-            depths[i] = depths[p] + 1
-            anc[i] |= anc[p]
-        is_parent = torch.zeros(t, dtype=torch.bool)
-        is_parent[parents[1:]] = True
-        leaves = (~is_parent).nonzero().flatten()
-        paths = torch.full((leaves.numel(), int(depths.max()) + 1), -1, dtype=torch.long)
-        for row, leaf in enumerate(leaves.tolist()):
-            nodes = anc[leaf].nonzero().flatten()  # exactly one ancestor per depth, in index (= depth) order
-            paths[row, : nodes.numel()] = nodes
-        return cls(tokens=tokens.reshape(t), parents=parents, depths=depths, mask=anc.to(tokens.device), paths=paths)
+        # Topological order lets one pass in index order fill depths and ancestor sets. This runs on every decoding
+        # step, so it walks Python ints (ancestor sets as bitmasks) and builds each tensor once: a per-node tensor
+        # op costs microseconds, which a 16-node tree turned into ~0.5 ms a step.
+        plist = parents.tolist()
+        depth, anc = [0] * t, [1] * t
+        for i in range(1, t):
+            p = plist[i]
+            depth[i], anc[i] = depth[p] + 1, anc[p] | (1 << i)
+        is_parent = set(plist[1:])
+        leaves = [i for i in range(t) if i not in is_parent]
+        width = max(depth) + 1
+        rows = []
+        for leaf in leaves:
+            nodes = [j for j in range(leaf + 1) if anc[leaf] >> j & 1]  # one ancestor per depth, in depth order
+            rows.append(nodes + [-1] * (width - len(nodes)))
+        depths = torch.tensor(depth, dtype=torch.long)
+        paths = torch.tensor(rows, dtype=torch.long)
+        bits = torch.tensor(anc, dtype=torch.long) if t <= 63 else None
+        if bits is not None:
+            mask = (bits[:, None] >> torch.arange(t)) & 1 == 1
+        else:  # ancestor sets wider than an int64: unpack them in Python
+            mask = torch.tensor([[bool(a >> j & 1) for j in range(t)] for a in anc])
+        return cls(tokens=tokens.reshape(t), parents=parents, depths=depths, mask=mask.to(tokens.device), paths=paths)
 
     @classmethod
     def chain(cls, tokens: Tensor | list[int], device: torch.device | str | None = None) -> "DraftTree":

@@ -26,6 +26,23 @@ def test_from_parents_derives_depths_mask_and_paths():
     assert tree.max_depth == 3
 
 
+@pytest.mark.parametrize("t", [16, 63, 64, 100])  # 64 and up no longer fit the ancestor bitmask in an int64
+def test_random_trees_match_a_plain_ancestor_walk(t):
+    g = torch.Generator().manual_seed(t)
+    parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, t)]
+    tree = DraftTree.from_parents(torch.arange(t), parents)
+    for i in range(t):
+        chain, j = [], i
+        while j >= 0:
+            chain.append(j)
+            j = parents[j]
+        assert tree.mask[i].nonzero().flatten().tolist() == sorted(chain)
+        assert int(tree.depths[i]) == len(chain) - 1
+    leaves = sorted(set(range(t)) - set(parents))
+    assert sorted(tuple(x for x in row if x >= 0) for row in tree.paths.tolist()) == sorted(
+        tuple(tree.mask[leaf].nonzero().flatten().tolist()) for leaf in leaves)
+
+
 @pytest.mark.parametrize("parents", [[0, 0], [-1, 1], [-1, 2, 0], [-1, 0, -1]])
 def test_invalid_parents_are_refused(parents):
     with pytest.raises(ValueError, match="parent"):
