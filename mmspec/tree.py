@@ -76,10 +76,9 @@ class DraftTree:
             rows.append(nodes + [-1] * (width - len(nodes)))
         depths = torch.tensor(depth, dtype=torch.long)
         paths = torch.tensor(rows, dtype=torch.long)
-        bits = torch.tensor(anc, dtype=torch.long) if t <= 63 else None
-        if bits is not None:
-            mask = (bits[:, None] >> torch.arange(t)) & 1 == 1
-        else:  # ancestor sets wider than an int64: unpack them in Python
+        if t <= 63:  # the ancestor bitmasks fit an int64: unpack them in one tensor op
+            mask = (torch.tensor(anc, dtype=torch.long)[:, None] >> torch.arange(t)) & 1 == 1
+        else:
             mask = torch.tensor([[bool(a >> j & 1) for j in range(t)] for a in anc])
         return cls(tokens=tokens.reshape(t), parents=parents, depths=depths, mask=mask.to(tokens.device), paths=paths)
 
