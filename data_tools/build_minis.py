@@ -6,7 +6,8 @@
       -> fp16 safetensors under mmspec/models/, a sample scene under mmspec/assets/, build_info.json
 
 Every stage is seeded and skipped when its output already exists in --work, so an interrupted build resumes. The
-default sizes take about 1.6 hours on a 2-core CPU (see BuildPlan); --size micro runs the whole path in a minute (the test suite does).
+default sizes take about 1.6 hours on a 2-core CPU (see BuildPlan); --size micro runs the whole path in a minute
+(the test suite does).
 """
 
 from __future__ import annotations

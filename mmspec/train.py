@@ -137,37 +137,40 @@ def teach(model, adapter, processor, conv, feature_layers: tuple[int, ...], want
     )
 
 
+_TENSOR_FIELDS = ("tokens", "positions", "input_embeds", "teacher_logits", "assistant")  # and the features list
+
+
 def _example_to(ex: Example, device) -> Example:
-    move = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return replace(ex, tokens=move(ex.tokens), positions=move(ex.positions), features=[move(f) for f in ex.features],
-                   input_embeds=move(ex.input_embeds), teacher_logits=move(ex.teacher_logits),
-                   assistant=move(ex.assistant))
+    moved = {n: getattr(ex, n).to(device) for n in _TENSOR_FIELDS if getattr(ex, n) is not None}
+    return replace(ex, features=[f.to(device) for f in ex.features], **moved)
 
 
 def _example_bytes(ex: Example) -> int:
-    tensors = [ex.tokens, ex.positions, *ex.features, ex.input_embeds, ex.teacher_logits, ex.assistant]
+    tensors = [getattr(ex, n) for n in _TENSOR_FIELDS] + list(ex.features)
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class TeacherCache:
-    """Examples by the conversation's line in the data file, on the host, until `budget_bytes` is used up (later ones are recomputed).
+    """`teach` for the training set, remembered per conversation (by its line in the data file) on the host until
+    `budget_bytes` are used up; later conversations are recomputed every time.
 
     The target is frozen and `teach` is deterministic, so a cached Example is exactly what recomputing would give:
     training is unchanged, only faster (on the mini models the teacher is ~40 % of a step, and the build's drafters
     see each conversation ~5 times)."""
 
-    def __init__(self, budget_bytes: int) -> None:
-        self.budget, self.used, self.hits = budget_bytes, 0, 0
+    def __init__(self, compute, budget_bytes: int, device) -> None:
+        self.compute, self.budget, self.device = compute, budget_bytes, device
+        self.used, self.hits = 0, 0
         self._store: dict[int, Example] = {}
 
-    def get(self, key: int, device, compute) -> Example:
-        if key in self._store:
+    def __call__(self, conv) -> Example:
+        if conv.line_no in self._store:
             self.hits += 1
-            return _example_to(self._store[key], device)
-        ex = compute()
+            return _example_to(self._store[conv.line_no], self.device)
+        ex = self.compute(conv)
         size = _example_bytes(ex)
         if self.used + size <= self.budget:
-            self._store[key] = _example_to(ex, "cpu")
+            self._store[conv.line_no] = _example_to(ex, "cpu")
             self.used += size
         return ex
 
@@ -400,17 +403,16 @@ def train_drafter(target: str, data: str | Path, out: str | Path, cfg: TrainConf
         logger.info("resumed from %s at step %d", ckpt, step)
     want_embeds = drafter.vision is not None
 
-    cache = TeacherCache(int(cfg.teacher_cache_gb * 2**30))
-
     def teach_one(conv) -> Example:
         return teach(model, adapter, processor, conv, drafter.config.feature_layers, want_embeds, cfg.max_length)
 
-    def batch_examples(items, cached: bool = True):
+    cache = TeacherCache(teach_one, int(cfg.teacher_cache_gb * 2**30), accelerator.device)
+
+    def batch_examples(items, teacher=cache):
         exs = []
         for conv in items:
             try:
-                exs.append(cache.get(conv.line_no, accelerator.device, lambda c=conv: teach_one(c)) if cached
-                           else teach_one(conv))
+                exs.append(teacher(conv))
             except (ValueError, OSError) as e:  # one bad example must not end a long run
                 skipped["count"] += 1
                 logger.warning("skipping %s", e)
@@ -459,7 +461,7 @@ def train_drafter(target: str, data: str | Path, out: str | Path, cfg: TrainConf
     train_s = time.perf_counter() - t0
     held_out = {}
     if eval_set and accelerator.is_main_process:
-        batches = [batch_examples(eval_set[i : i + cfg.batch_size], cached=False)
+        batches = [batch_examples(eval_set[i : i + cfg.batch_size], teach_one)
                    for i in range(0, len(eval_set), cfg.batch_size)]
         held_out = evaluate(accelerator.unwrap_model(objective), [b for b in batches if b])
         for k, v in held_out.items():

@@ -72,8 +72,11 @@ class DraftTree:
         width = max(depth) + 1
         rows = []
         for leaf in leaves:
-            nodes = [j for j in range(leaf + 1) if anc[leaf] >> j & 1]  # one ancestor per depth, in depth order
-            rows.append(nodes + [-1] * (width - len(nodes)))
+            row, j = [-1] * width, leaf
+            while j >= 0:  # up to the root: one ancestor per depth
+                row[depth[j]] = j
+                j = plist[j]
+            rows.append(row)
         depths = torch.tensor(depth, dtype=torch.long)
         paths = torch.tensor(rows, dtype=torch.long)
         if t <= 63:  # the ancestor bitmasks fit an int64: unpack them in one tensor op
