@@ -40,6 +40,12 @@ class BuildPlan:
     # fewer steps would make it faster, and they cost accuracy: a full build with 1400 joint, 1000 short-answer and
     # 1200 counting steps took 68 min but ended at count 70 % (test.jsonl 60 %), colour 97 %; the full 1800 counting
     # steps from its short-answer model still gave 71 % (shape 78 %, position 80 %): the long joint run is the key.
+    # Two more pilots that failed the 95 % counting bar: batch 16 in every stage (same steps, ~62 min in all) ended
+    # at count 49 %, shape 76 % (its joint run matched batch 32's, its two question stages did not: counting wants
+    # examples, not steps); a single stage of 3200 steps on all tasks plus the balanced fresh count questions (40 %
+    # of the mix), every answer weighing the same (~65 min), stood at count 39 %, colour 60 % after 2400 steps: the
+    # token-weighted descriptions of the joint run
+    # are what teach the decoder to bind a question to its object.
     target_steps: int = 2_400
     target_batch: int = 32
     target_lr: float = 1e-3
