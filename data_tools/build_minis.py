@@ -44,8 +44,7 @@ class BuildPlan:
     # at count 49 %, shape 76 % (its joint run matched batch 32's, its two question stages did not: counting wants
     # examples, not steps); a single stage of 3200 steps on all tasks plus the balanced fresh count questions (40 %
     # of the mix), every answer weighing the same (~65 min), stood at count 39 %, colour 60 % after 2400 steps: the
-    # token-weighted descriptions of the joint run
-    # are what teach the decoder to bind a question to its object.
+    # token-weighted descriptions of the joint run are what teach the decoder to bind a question to its object.
     target_steps: int = 2_400
     target_batch: int = 32
     target_lr: float = 1e-3
