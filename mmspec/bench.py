@@ -89,7 +89,7 @@ class PeakMemory:
 
 def run_bench(target: str = "mini-vlm", *, n: int = 8, max_new_tokens: int = 128, temperature: float = 0.0,
               device: str | None = None, dtype: str | None = None, tree_preset: str | None = None,
-              methods: list[str] | None = None, seed: int = 0) -> dict:
+              methods: list[str] | None = None, seed: int = 0, draft_dtype: str | None = None) -> dict:
     from . import load
     from .pipeline import load_target
 
@@ -104,14 +104,16 @@ def run_bench(target: str = "mini-vlm", *, n: int = 8, max_new_tokens: int = 128
         methods.insert(0, "autoregressive")  # the reference for speedup and lossless
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tree = TreeConfig.preset(tree_preset or ("gpu" if dev.type == "cuda" else "cpu"))
-    pipes = {"vispec": load(target, DRAFTERS[target]["vispec"], device=dev, dtype=dtype, tree=tree)}
+    pipes = {"vispec": load(target, DRAFTERS[target]["vispec"], device=dev, dtype=dtype, tree=tree,
+                            draft_dtype=draft_dtype)}
     base = pipes["vispec"]
+    draft_dt = next(base.drafter.parameters()).dtype  # both drafters alike: the ablation is the adaptor, not the dtype
     if "eagle" in methods:
         from .drafter import Drafter
         from .pipeline import Pipeline, _resolve_dir
 
         eagle = Drafter.from_pretrained(_resolve_dir(DRAFTERS[target]["eagle"], "drafter")[0], target=base.target)
-        eagle.to(device=base.device, dtype=base.target.dtype).eval()
+        eagle.to(device=base.device, dtype=draft_dt).eval()
         pipes["eagle"] = Pipeline(base.target, base.processor, base.adapter, eagle, tree)
     assistant = None
     if "hf_assisted" in methods:
@@ -167,7 +169,8 @@ def run_bench(target: str = "mini-vlm", *, n: int = 8, max_new_tokens: int = 128
     ref = results["autoregressive"]
     ref_speed = ref.new_tokens / ref.wall_s
     report = {"target": target, "device": str(base.device), "n_prompts": n, "max_new_tokens": max_new_tokens,
-              "temperature": temperature, "tree": asdict(tree), "methods": {}}
+              "temperature": temperature, "tree": asdict(tree), "dtype": str(base.target.dtype).removeprefix("torch."),
+              "draft_dtype": str(draft_dt).removeprefix("torch."), "methods": {}}
     for m, r in results.items():
         speed = r.new_tokens / r.wall_s
         report["methods"][m] = {
@@ -188,7 +191,8 @@ def run_bench(target: str = "mini-vlm", *, n: int = 8, max_new_tokens: int = 128
 
 def print_table(report: dict) -> None:
     lines = [f"mmspec bench: target={report['target']} device={report['device']} prompts={report['n_prompts']} "
-             f"max_new_tokens={report['max_new_tokens']} temperature={report['temperature']}",
+             f"max_new_tokens={report['max_new_tokens']} temperature={report['temperature']} "
+             f"dtype={report['dtype']} draft_dtype={report['draft_dtype']}",
              f"{'method':<16}{'tok/s':>9}{'speedup':>9}{'tau':>7}{'lossless':>10}{'peak MB':>9}"]
     for m, r in report["methods"].items():
         lossless = "n/a" if r["lossless"] is None else ("yes" if r["lossless"] else "NO")

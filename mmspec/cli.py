@@ -43,6 +43,8 @@ def _add_model_args(p: argparse.ArgumentParser, drafter: bool = True) -> None:
         p.add_argument("--drafter", default=None, help="drafter directory or built-in name (default: the target's own)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--draft-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="the drafters' dtype (default: the target's; bfloat16 beside fp32 on a CPU with native bf16)")
     p.add_argument("--tree", default=None, help="tree preset: chain, cpu, default, gpu (default: cpu on CPU, gpu on CUDA)")
 
 
@@ -122,7 +124,8 @@ def cmd_caption(args) -> int:
         images = [str(sample_image_path())]
     images = load_images(images)  # read and check every image before spending time on loading models
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load(args.target, args.drafter, device=device, dtype=args.dtype, tree=_tree(args, device))
+    pipe = load(args.target, args.drafter, device=device, dtype=args.dtype, tree=_tree(args, device),
+                draft_dtype=args.draft_dtype)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
               seed=args.seed)
     pipe.generate(args.prompt, images, **{**kw, "max_new_tokens": 4})  # warm-up: first-call allocations off the clock
@@ -147,7 +150,8 @@ def cmd_bench(args) -> int:
 
     methods = args.methods.split(",") if args.methods else None
     report = run_bench(args.target, n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       device=args.device, dtype=args.dtype, tree_preset=args.tree, methods=methods)
+                       device=args.device, dtype=args.dtype, tree_preset=args.tree, methods=methods,
+                       draft_dtype=args.draft_dtype)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

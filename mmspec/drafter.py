@@ -148,7 +148,9 @@ class Drafter(nn.Module):
             with torch.no_grad():
                 self.inject.weight.zero_()
                 self.inject.weight[:, :h].copy_(torch.eye(h))
-        self.register_buffer("inv_freq", 1.0 / (c.rope_theta ** (torch.arange(0, hd, 2).float() / hd)), persistent=False)
+        # Rotary frequencies stay fp32 in a drafter run in bfloat16: position * frequency needs more than bf16's 8 bits
+        # (a buffer would be cast by .to(dtype)), so they live outside the module state, one copy per device.
+        self._inv_freq: Tensor | None = None
         # The target's embedding and LM head, borrowed (never saved); a tuple keeps them out of this module's state.
         self._shared: tuple[nn.Module, nn.Module] | None = None
 
@@ -302,7 +304,12 @@ class Drafter(nn.Module):
         q = self.q_proj(x).view(b, n, c.num_attention_heads, c.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, c.num_key_value_heads, c.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, c.num_key_value_heads, c.head_dim).transpose(1, 2)
-        freqs = positions[..., None].float() * self.inv_freq  # [B, n, hd/2]
+        inv = self._inv_freq
+        if inv is None or inv.device != positions.device:
+            inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2).float() / c.head_dim))
+            inv = inv.to(positions.device)
+            self._inv_freq = inv
+        freqs = positions[..., None].float() * inv  # [B, n, hd/2]
         ang = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, n, hd]
         cos, sin = ang.cos().to(q.dtype), ang.sin().to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v

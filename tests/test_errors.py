@@ -108,6 +108,12 @@ def test_unknown_target_and_missing_drafter(tiny_dir):
         mmspec.load(tiny_dir("llava"), device="cpu")
 
 
+def test_unknown_dtypes(tiny_dir):
+    for kw in ({"dtype": "float64x"}, {"draft_dtype": "int8"}, {"draft_dtype": torch.int8}):
+        with pytest.raises(ValueError, match=f"unknown {next(iter(kw))} .*use float32, bfloat16 or float16"):
+            mmspec.load(tiny_dir("llava"), "untrained", device="cpu", **kw)
+
+
 def test_text_only_target_refuses_images(tiny_dir):
     p = mmspec.load(tiny_dir("text_llm"), "untrained", device="cpu")
     with pytest.raises(ValueError, match="text-only"):

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import mmspec
 from mmspec.bench import held_out_prompts
@@ -19,7 +20,12 @@ def pipe():
     return mmspec.load("mini-vlm", device="cpu")
 
 
-def test_vispec_is_lossless_and_accepts_long_paths(pipe):
+@pytest.mark.parametrize("draft_dtype", ["float32", "bfloat16"])
+def test_vispec_is_lossless_and_accepts_long_paths(draft_dtype):
+    """In either drafter dtype (the default is one of them, depending on the CPU): the target's fp32 verify keeps the
+    output exact, and a bf16 drafter still proposes well (its rotary angles stay fp32)."""
+    pipe = mmspec.load("mini-vlm", device="cpu", draft_dtype=draft_dtype)
+    assert pipe.drafter.q_proj.weight.dtype == getattr(torch, draft_dtype) and pipe.target.dtype == torch.float32
     taus = []
     for prompt, images in held_out_prompts(3, seed=99):
         inputs = pipe.prepare(prompt, images)

@@ -27,7 +27,8 @@ def pipes(tiny_dir):
 
     def get(family):
         if family not in cache:
-            cache[family] = mmspec.load(tiny_dir(family), "untrained", device="cpu")
+            # fp32 drafters: these tests hold drafting to training's fp32 arithmetic at tight tolerances
+            cache[family] = mmspec.load(tiny_dir(family), "untrained", device="cpu", draft_dtype="float32")
         return cache[family]
 
     return get
@@ -93,6 +94,20 @@ def test_untrained_adaptor_equals_text_only_drafter(pipes):
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
     f, g = torch.randn(3, 64), torch.randn(3, 64)
     assert torch.allclose(with_adaptor.inject(torch.cat([f, g], -1)), f, atol=1e-6)  # [I | 0]
+
+
+def test_bf16_drafter_keeps_exact_rotary_angles(pipes):
+    """A drafter cast to bfloat16 (the default beside an fp32 target on a CPU with native bf16) rotates q and k by
+    fp32 angles: in bf16, position 700 times a frequency would be off by radians, not by bf16's rounding."""
+    d32 = Drafter.for_target(pipes("llava").target, vision_adaptor=False).eval()
+    d16 = Drafter.for_target(pipes("llava").target, vision_adaptor=False)
+    d16.load_state_dict(d32.state_dict())
+    d16.to(torch.bfloat16)
+    x = torch.randn(1, 4, 2 * d32.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(700, 704)[None]
+    for a, b in zip(d32.qkv(x, pos)[:2], d16.qkv(x.bfloat16(), pos)[:2]):
+        assert b.dtype == torch.bfloat16
+        assert ((b.float() - a).norm() / a.norm()).item() < 0.02
 
 
 def test_training_unroll_equals_inference_drafting(pipes):
