@@ -70,6 +70,7 @@ def build_parser() -> Parser:
     bench.add_argument("--max-new-tokens", type=_positive_int, default=128)
     bench.add_argument("--temperature", type=_nonneg_float, default=0.0)
     bench.add_argument("--methods", default=None, help="comma-separated subset of methods to run")
+    bench.add_argument("--seed", type=int, default=0, help="sampling seed of the first prompt (prompt k: seed + k)")
     bench.add_argument("--json", type=Path, default=None, help="write the results here")
 
     tr = sub.add_parser("train-drafter", help="train a drafter for a target on JSONL conversations")
@@ -151,7 +152,7 @@ def cmd_bench(args) -> int:
     methods = args.methods.split(",") if args.methods else None
     report = run_bench(args.target, n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        device=args.device, dtype=args.dtype, tree_preset=args.tree, methods=methods,
-                       draft_dtype=args.draft_dtype)
+                       draft_dtype=args.draft_dtype, seed=args.seed)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
