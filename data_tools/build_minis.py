@@ -47,8 +47,10 @@ class BuildPlan:
     # token-weighted descriptions of the joint run are what teach the decoder to bind a question to its object.
     # Merging the two question stages into one (the short-answer mix plus the balanced fresh counts, 55 % count,
     # lr 5e-4, from the joint model; it would save ~16 min) held count at 67 / 58 / 58 % after 300 / 600 / 900 of
-    # 1800 steps (colour 90 %), where the two stages in turn reach 81 % and then 92 % by 900 counting steps. And
-    # torch.compile (inductor) makes a training step only ~6 % faster after a 2-minute compile.
+    # 1800 steps (colour 90 %), where the two stages in turn reach 81 % and then 92 % by 900 counting steps. A
+    # counting stage on multi-turn conversations (2.3 count questions per scene, the image read once; a step costs
+    # 1.35x) stood at 45 / 36 / 55 % after 100 / 200 / 300 steps, where the single-question stage had 71 % at 300.
+    # And torch.compile (inductor) makes a training step only ~6 % faster after a 2-minute compile.
     target_steps: int = 2_400
     target_batch: int = 32
     target_lr: float = 1e-3
