@@ -92,7 +92,7 @@ def load(
 
 
 def _as_dtype(value: torch.dtype | str | None, what: str) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype) and value.is_floating_point:
+    if value is None or value in (torch.float32, torch.bfloat16, torch.float16):
         return value
     name = str(value).removeprefix("torch.")
     if name not in ("float32", "bfloat16", "float16"):

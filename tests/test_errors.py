@@ -109,7 +109,7 @@ def test_unknown_target_and_missing_drafter(tiny_dir):
 
 
 def test_unknown_dtypes(tiny_dir):
-    for kw in ({"dtype": "float64x"}, {"draft_dtype": "int8"}, {"draft_dtype": torch.int8}):
+    for kw in ({"dtype": "float64"}, {"dtype": torch.float64}, {"draft_dtype": "int8"}, {"draft_dtype": torch.int8}):
         with pytest.raises(ValueError, match=f"unknown {next(iter(kw))} .*use float32, bfloat16 or float16"):
             mmspec.load(tiny_dir("llava"), "untrained", device="cpu", **kw)
 
