@@ -51,6 +51,10 @@ class BuildPlan:
     # counting stage on multi-turn conversations (2.3 count questions per scene, the image read once; a step costs
     # 1.35x) stood at 45 / 36 / 55 % after 100 / 200 / 300 steps, where the single-question stage had 71 % at 300.
     # And torch.compile (inductor) makes a training step only ~6 % faster after a 2-minute compile.
+    # Cheaper steps instead of fewer: 20-px patches (9 image tokens, one per grid cell; the full plan would take
+    # ~65-70 min) matched the joint run (count/colour 82 / 65 %) but the short-answer stage ended at 79 / 92 % (36
+    # tokens: 85 / 97 %) and the counting stage fell to count 36 % at steps 900 and 1200 (colour 97 %): with one
+    # token per object the decoder reads colours but does not learn to count in the same steps.
     target_steps: int = 2_400
     target_batch: int = 32
     target_lr: float = 1e-3
