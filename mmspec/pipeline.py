@@ -72,8 +72,8 @@ def load(
     drafter: None -> the drafter shipped with a built-in target; a directory from Drafter.save_pretrained; a built-in
     drafter name; a Drafter instance; or "untrained" (random init, for experiments). device_map="auto" shards a large
     target across devices through accelerate; the drafter then sits with the LM head.
-    draft_dtype: the drafter's own dtype; None -> see `default_draft_dtype`. It changes which tokens get proposed,
-    never what is output: the target verifies every one in its own dtype.
+    draft_dtype: the drafter's own dtype; None -> see `default_draft_dtype` (a Drafter instance: the target's dtype).
+    It changes which tokens get proposed, never what is output: the target verifies every one in its own dtype.
     """
     if not isinstance(tree, TreeConfig):
         raise TypeError(f"tree must be a mmspec.TreeConfig, got {type(tree).__name__}")
@@ -151,7 +151,9 @@ def _load_drafter(drafter: Any, model, target_name: str, builtin: bool, dtype: t
         d = Drafter.from_pretrained(path)
         d.bind(model)
     head = model.get_output_embeddings().weight
-    return d.to(device=head.device, dtype=dtype or default_draft_dtype(head.dtype, head.device)).eval()
+    if dtype is None:  # a Drafter the caller holds (maybe mid-training) keeps the target's dtype, as it always has
+        dtype = head.dtype if isinstance(drafter, Drafter) else default_draft_dtype(head.dtype, head.device)
+    return d.to(device=head.device, dtype=dtype).eval()
 
 
 class Pipeline:

@@ -110,6 +110,15 @@ def test_bf16_drafter_keeps_exact_rotary_angles(pipes):
         assert ((b.float() - a).norm() / a.norm()).item() < 0.02
 
 
+def test_a_drafter_instance_keeps_the_targets_dtype(pipes, tiny_dir):
+    """Only drafters mmspec loads itself get the CPU's bf16 default: one the caller holds is not recast behind its back."""
+    d = Drafter.for_target(pipes("llava").target, vision_adaptor=False)
+    pipe = mmspec.load(tiny_dir("llava"), d, device="cpu")
+    assert pipe.drafter is d and d.q_proj.weight.dtype == torch.float32
+    assert mmspec.load(tiny_dir("llava"), d, device="cpu", draft_dtype="bfloat16").drafter.q_proj.weight.dtype \
+        == torch.bfloat16
+
+
 def test_training_unroll_equals_inference_drafting(pipes):
     """Layer 4: the unrolled training attention is exactly what the proposer's KV cache gives at draft depth 2 and 3."""
     pipe = pipes("llava")
