@@ -37,13 +37,16 @@ def _nonneg_float(s: str) -> float:
     return v
 
 
+DTYPES = ("float32", "bfloat16", "float16")  # what mmspec.load accepts (pipeline._as_dtype); mmspec stays lazy here
+
+
 def _add_model_args(p: argparse.ArgumentParser, drafter: bool = True) -> None:
     p.add_argument("--target", default="mini-vlm", help="built-in name, local directory, or cached Hugging Face id")
     if drafter:
         p.add_argument("--drafter", default=None, help="drafter directory or built-in name (default: the target's own)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--draft-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default=None, choices=DTYPES)
+    p.add_argument("--draft-dtype", default=None, choices=DTYPES,
                    help="the drafters' dtype (default: the target's; bfloat16 beside fp32 on a CPU with native bf16)")
     p.add_argument("--tree", default=None, help="tree preset: chain, cpu, default, gpu (default: cpu on CPU, gpu on CUDA)")
 
