@@ -15,6 +15,20 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, BatchFeature
 
 
+def image_chat(messages: Sequence[dict], n_images: int) -> list[dict]:
+    """The one chat layout for images: every content a part list, the images as `{"type": "image"}` parts opening the
+    first user turn, in order, before its text (what the LLaVA and Qwen-VL templates expect). Contents that are already
+    part lists are kept as they are."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+        if m["role"] == "user" and n_images:
+            parts, n_images = [{"type": "image"} for _ in range(n_images)] + parts, 0
+        out.append({**m, "content": parts})
+    return out
+
+
 class Adapter:
     name = "base"
     model_types: tuple[str, ...] = ()
@@ -26,12 +40,15 @@ class Adapter:
         return config.model_type in cls.model_types
 
     # ---- inputs ---------------------------------------------------------------------------------------------------
+    def chat(self, messages: Sequence[dict], n_images: int) -> list[dict]:
+        """Text-content messages -> the messages this family's chat template takes (see `image_chat`)."""
+        return image_chat(messages, n_images)
+
     def messages(self, prompt: str | list, n_images: int) -> list[dict]:
-        """One user turn: the images first, in order, then the text (the layout the families' chat templates expect)."""
+        """A prompt string becomes one user turn with the images first; a message list is the caller's own layout."""
         if isinstance(prompt, list):
             return prompt
-        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
-        return [{"role": "user", "content": content}]
+        return self.chat([{"role": "user", "content": prompt}], n_images)
 
     def prepare(self, processor, prompt: str | list, images: Sequence) -> BatchFeature:
         if images and not self.multimodal:
@@ -82,10 +99,11 @@ class TextAdapter(Adapter):
             raise ValueError("this target is a text-only language model and cannot take images; pass images=None")
         tok = processor
         if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(self.messages_text(prompt), add_generation_prompt=True, tokenize=False)
+            text = tok.apply_chat_template(self.messages(prompt, 0), add_generation_prompt=True, tokenize=False)
             return tok(text, return_tensors="pt", add_special_tokens=False)
         return tok(prompt if isinstance(prompt, str) else prompt[-1]["content"], return_tensors="pt")
 
-    @staticmethod
-    def messages_text(prompt: str | list) -> list[dict]:
-        return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    def chat(self, messages: Sequence[dict], n_images: int) -> list[dict]:
+        if n_images:
+            raise ValueError("this target is a text-only language model and cannot take images; pass images=None")
+        return [dict(m) for m in messages]

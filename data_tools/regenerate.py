@@ -37,7 +37,8 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer, BatchFeature
 
 from mmspec.adapters import Adapter, adapter_for
-from mmspec.images import load_images
+from mmspec.images import cast_pixels, load_images
+from mmspec.registry import resolve_dir
 
 from .jsonl import Conversation, dumps, read_conversations
 
@@ -60,12 +61,10 @@ class TargetGenerator:
     """A target loaded for plain greedy generation of batches of chat prompts."""
 
     def __init__(self, target: str | os.PathLike, device: str | torch.device, dtype: torch.dtype | None = None) -> None:
-        from mmspec.pipeline import _resolve_dir  # built-in names, local directories, HF ids already cached
-
         device = torch.device(device)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        path, _ = _resolve_dir(target, "target")
+        path = resolve_dir(target, "target")  # built-in names, local directories, HF ids already cached
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         self.adapter: Adapter = adapter_for(config)
         self.model = self.adapter.auto_class.from_pretrained(
@@ -89,18 +88,8 @@ class TargetGenerator:
     def chat(self, messages: Sequence[dict], n_images: int, suffix: str) -> list[dict]:
         """Our messages -> the target's chat-template messages: the suffix on every user turn, the images as parts
         of the first user turn (before its text, as adapters.base does), part lists throughout for VLM templates."""
-        out, first_user = [], True
-        for m in messages:
-            text = m["content"] + suffix if m["role"] == "user" else m["content"]
-            if not self.adapter.multimodal:
-                out.append({"role": m["role"], "content": text})
-                continue
-            parts = [{"type": "text", "text": text}]
-            if m["role"] == "user" and first_user:
-                parts = [{"type": "image"} for _ in range(n_images)] + parts
-                first_user = False
-            out.append({"role": m["role"], "content": parts})
-        return out
+        turns = [{**m, "content": m["content"] + suffix} if m["role"] == "user" else m for m in messages]
+        return self.adapter.chat(turns, n_images)
 
     def inputs(self, chats: Sequence[list[dict]], images: Sequence[list]) -> BatchFeature:
         """A left-padded batch. One row is exactly what `adapter.prepare` builds for the same messages."""
@@ -115,10 +104,7 @@ class TargetGenerator:
             kwargs = {"images": flat} if flat else {}
             batch = self.processor(text=texts, return_tensors="pt", padding=True, **kwargs)
         batch = batch.to(self.device)
-        for key in ("pixel_values", "pixel_values_videos"):
-            if key in batch and batch[key].is_floating_point():
-                batch[key] = batch[key].to(self.model.dtype)
-        return batch
+        return cast_pixels(batch, self.model.dtype)
 
     @torch.inference_mode()
     def generate(self, chats: Sequence[list[dict]], images: Sequence[list], max_new_tokens: int) -> list[str]:

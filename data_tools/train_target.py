@@ -44,6 +44,8 @@ from transformers import (
     LlavaProcessor,
 )
 
+from mmspec.adapters.base import image_chat
+
 from .shapes_world import COLOURS, SHAPES, SIZE_PX, TASKS, check_answer, make_dataset
 from .shapes_world import SIZES as SIZES_WORDS
 from .tokenizer import IMAGE, conversation_texts, train_tokenizer
@@ -141,17 +143,11 @@ def build_target(tokenizer_dir: str | Path, out_dir: str | Path, size: str = "mi
 
 # ----------------------------------------------------------------------------------------------------------- data
 def chat_messages(record: dict, with_answer: bool = True) -> list[dict]:
-    """A training record's messages with its images as ``{"type": "image"}`` parts opening the first user turn."""
-    n_images, out = len(record.get("images", [])), []
-    for m in record["messages"]:
-        if m["role"] == "assistant" and not with_answer:
-            break
-        content = m["content"]
-        parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
-        if m["role"] == "user" and n_images:
-            parts, n_images = [{"type": "image"}] * n_images + parts, 0
-        out.append({"role": m["role"], "content": parts})
-    return out
+    """A training record's messages (up to the first answer unless `with_answer`) in the one image chat layout."""
+    turns = list(record["messages"])
+    if not with_answer:
+        turns = turns[: next((i for i, m in enumerate(turns) if m["role"] == "assistant"), len(turns))]
+    return image_chat(turns, len(record.get("images", [])))
 
 
 def encode_example(processor, record: dict) -> tuple[list[int], list[int]]:

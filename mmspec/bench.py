@@ -110,9 +110,10 @@ def run_bench(target: str = "mini-vlm", *, n: int = 8, max_new_tokens: int = 128
     draft_dt = next(base.drafter.parameters()).dtype  # both drafters alike: the ablation is the adaptor, not the dtype
     if "eagle" in methods:
         from .drafter import Drafter
-        from .pipeline import Pipeline, _resolve_dir
+        from .pipeline import Pipeline
+        from .registry import resolve_dir
 
-        eagle = Drafter.from_pretrained(_resolve_dir(DRAFTERS[target]["eagle"], "drafter")[0], target=base.target)
+        eagle = Drafter.from_pretrained(resolve_dir(DRAFTERS[target]["eagle"], "drafter"), target=base.target)
         eagle.to(device=base.device, dtype=draft_dt).eval()
         pipes["eagle"] = Pipeline(base.target, base.processor, base.adapter, eagle, tree)
     assistant = None

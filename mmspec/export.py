@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .drafter import WEIGHTS_NAME, Drafter
+from .registry import resolve_dir
 
 logger = logging.getLogger(__name__)
 
@@ -187,10 +188,8 @@ def _saved_dtype(weights: Path) -> torch.dtype:
 def _target(name, drafter: Drafter):
     from transformers import AutoConfig
 
-    from .pipeline import _resolve_dir
-
     try:
-        path, _ = _resolve_dir(name, "target")
+        path = resolve_dir(name, "target")
     except FileNotFoundError as e:
         raise FileNotFoundError(f"cannot find the drafter's target to copy its LM head from: {e}") from None
     config = AutoConfig.from_pretrained(path, local_files_only=True)

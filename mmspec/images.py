@@ -41,3 +41,11 @@ def load_images(images: Any) -> list[Image.Image]:
     if not isinstance(images, Sequence):
         raise TypeError(f"images must be an image or a list of images, got {type(images).__name__}")
     return [load_image(im) for im in images]
+
+
+def cast_pixels(inputs, dtype):
+    """Floating pixel inputs in the target's dtype (processors emit float32); in place, and returned for chaining."""
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs and inputs[key].is_floating_point():
+            inputs[key] = inputs[key].to(dtype)
+    return inputs

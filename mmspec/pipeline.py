@@ -15,9 +15,9 @@ from .adapters import Adapter, adapter_for
 from .config import SamplingConfig, TreeConfig, check_max_new_tokens
 from .drafter import Drafter
 from .engine import Stats, StepEvent, decode
-from .images import load_images
+from .images import cast_pixels, load_images
 from .proposer import EagleProposer, NullProposer
-from .registry import BUILTIN_DRAFTERS, BUILTIN_TARGETS, builtin_path, is_builtin
+from .registry import BUILTIN_DRAFTERS, BUILTIN_TARGETS, resolve_dir
 from .target import TargetRunner
 
 logger = logging.getLogger(__name__)
@@ -36,25 +36,6 @@ class StreamEvent:
     token_ids: tuple[int, ...]  # tokens committed by this step
     num_accepted: int  # drafted tokens the target accepted this step
     stats: Stats  # running totals
-
-
-def _resolve_dir(name: str | os.PathLike, what: str) -> tuple[Path, bool]:
-    """-> (directory, is_builtin). A built-in name, a local directory, or a Hugging Face id already in the local cache."""
-    name_s = str(name)
-    if is_builtin(name_s):
-        return builtin_path(name_s), True
-    path = Path(name_s).expanduser()
-    if path.is_dir():
-        return path, False
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name_s, local_files_only=True)), False
-    except Exception:  # noqa: BLE001 - any hub failure means "not available offline"; we say so below
-        raise FileNotFoundError(
-            f"{what} {name_s!r} is not a built-in name ({', '.join(sorted(BUILTIN_TARGETS))}), a local directory, or a "
-            f"Hugging Face id in the local cache (mmspec never downloads)"
-        ) from None
 
 
 def load(
@@ -114,7 +95,7 @@ def default_draft_dtype(target_dtype: torch.dtype, device: torch.device) -> torc
 
 def load_target(target: str | os.PathLike, *, device=None, dtype: torch.dtype = torch.float32, device_map=None):
     """The unmodified transformers model, its processor (tokenizer for text-only models) and its adapter."""
-    path, _ = _resolve_dir(target, "target")
+    path = resolve_dir(target, "target")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     adapter = adapter_for(config)
     placement = {"device_map": device_map} if device_map is not None else {}
@@ -147,7 +128,7 @@ def _load_drafter(drafter: Any, model, target_name: str, builtin: bool, dtype: t
         )
         d = Drafter.for_target(model, vision_adaptor=sees)
     else:
-        path, _ = _resolve_dir(drafter, "drafter")
+        path = resolve_dir(drafter, "drafter")
         d = Drafter.from_pretrained(path)
         d.bind(model)
     head = model.get_output_embeddings().weight
@@ -178,11 +159,7 @@ class Pipeline:
         if not isinstance(prompt, (str, list)):
             raise TypeError(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
         inputs = self.adapter.prepare(self.processor, prompt, load_images(images))
-        inputs = inputs.to(self.device)
-        for key in ("pixel_values", "pixel_values_videos"):
-            if key in inputs and inputs[key].is_floating_point():
-                inputs[key] = inputs[key].to(self.target.dtype)
-        return inputs
+        return cast_pixels(inputs.to(self.device), self.target.dtype)
 
     def _events(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 MODELS_DIR = Path(__file__).parent / "models"
@@ -23,6 +24,26 @@ def builtin_path(name: str) -> Path:
 
 def is_builtin(name: str) -> bool:
     return name in BUILTIN_TARGETS or name in BUILTIN_DRAFTERS or name in BUILTIN_ASSISTANTS
+
+
+def resolve_dir(name: str | os.PathLike, what: str) -> Path:
+    """A built-in name, a local directory, or a Hugging Face id already in the local cache -> its directory.
+    `what` ("target", "drafter") names the argument in the error."""
+    name_s = str(name)
+    if is_builtin(name_s):
+        return builtin_path(name_s)
+    path = Path(name_s).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_s, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any hub failure means "not available offline"; we say so below
+        raise FileNotFoundError(
+            f"{what} {name_s!r} is not a built-in name ({', '.join(sorted(BUILTIN_TARGETS))}), a local directory, or a "
+            f"Hugging Face id in the local cache (mmspec never downloads)"
+        ) from None
 
 
 def sample_image_path() -> Path:

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .drafter import WEIGHTS_NAME, Drafter
+from .images import cast_pixels
 from .proposer import build_pairs
 from .target import target_forward
 
@@ -79,11 +80,8 @@ def encode_conversation(adapter, processor, conv) -> tuple[dict, Tensor]:
     msgs = list(conv.messages)
 
     def render(messages, gen_prompt):
-        if adapter.multimodal:
-            messages = [dict(m) for m in messages]
-            first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
-            messages[first_user] = {"role": "user", "content": adapter.messages(messages[first_user]["content"], len(images))[0]["content"]}
-        text = processor.apply_chat_template(messages, add_generation_prompt=gen_prompt, tokenize=False)
+        text = processor.apply_chat_template(adapter.chat(messages, len(images)), add_generation_prompt=gen_prompt,
+                                             tokenize=False)
         if adapter.multimodal:
             return processor(text=text, images=images or None, return_tensors="pt")
         return processor(text, return_tensors="pt", add_special_tokens=False)
@@ -118,9 +116,7 @@ def teach(model, adapter, processor, conv, feature_layers: tuple[int, ...], want
     inputs, mask = encode_conversation(adapter, processor, conv)
     dev = model.get_output_embeddings().weight.device
     inputs = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in inputs.items()}
-    for key in ("pixel_values", "pixel_values_videos"):
-        if key in inputs and inputs[key].is_floating_point():
-            inputs[key] = inputs[key].to(model.dtype)
+    cast_pixels(inputs, model.dtype)
     n = inputs["input_ids"].shape[1]
     if n > max_length:
         raise ValueError(f"line {conv.line_no}: {n} tokens, more than --max-length {max_length}")
