@@ -17,9 +17,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .errors import InputError, MissingInputError
 from .vision import VisionAdaptor
 
 logger = logging.getLogger(__name__)
@@ -50,10 +52,10 @@ class DrafterConfig:
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+            raise InputError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         bad = [i for i in self.feature_layers if not 0 <= i <= self.target_num_layers]
         if bad:
-            raise ValueError(f"feature_layers {bad} outside the target's 0..{self.target_num_layers} hidden states")
+            raise InputError(f"feature_layers {bad} outside the target's 0..{self.target_num_layers} hidden states")
 
     def to_json(self) -> str:
         return json.dumps({"format": "mmspec-drafter", "version": 1, **asdict(self)}, indent=2, sort_keys=True)
@@ -76,16 +78,30 @@ def default_feature_layers(num_layers: int, fusion: str) -> tuple[int, ...]:
     """EAGLE-3 reads a low, a middle and a high layer (2, L//2, L-3); EAGLE-1/2 the final (normed) hidden state.
 
     Indices are into transformers' hidden_states, where index L is the post-norm output: multi_layer never takes it
-    (engines like vLLM capture pre-norm layer inputs). Shallow targets, where EAGLE-3's choice would repeat a layer, get
-    three evenly spread distinct layers when they have enough."""
+    (engines like vLLM capture pre-norm layer inputs), and avoids 0 (the embeddings, which vLLM cannot capture) where
+    it can. Where EAGLE-3's choice would repeat a layer (L = 4..6), three evenly spread distinct layers of 1..L-1; a
+    3-layer target has only two of those, so it gets EAGLE-3's own (0, 1, 2): fusing three distinct layers beats
+    fusing a layer twice, though the engines cannot serve it (export says so)."""
     if fusion == "last":
         return (num_layers,)
     top = max(num_layers - 1, 1)
     clamp = lambda i: min(max(i, 1), top)  # noqa: E731
     layers = (clamp(2), clamp(num_layers // 2), clamp(num_layers - 3))
-    if len(set(layers)) < 3 and num_layers >= 4:
-        layers = (1, num_layers // 2, num_layers - 1)
+    if len(set(layers)) < 3 and num_layers >= 3:
+        layers = (1 if num_layers >= 4 else 0, num_layers // 2, num_layers - 1)
     return layers
+
+
+def read_weights(path: str | Path) -> dict[str, Tensor]:
+    """All tensors of a safetensors file, or an InputError naming the file: a truncated download or an interrupted
+    copy otherwise surfaces as safetensors' bare "incomplete metadata" with no file name."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise InputError(f"{str(path)!r} is not a complete safetensors file ({e}); it may be truncated or corrupt: "
+                         f"copy or save it again") from None
+    except OSError as e:
+        raise InputError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -171,7 +187,7 @@ class Drafter(nn.Module):
             (int(v) for k in ("image_token_id", "image_token_index") if (v := getattr(config, k, None)) is not None), None
         )
         if vision_adaptor and image_token_id is None:
-            raise ValueError(
+            raise InputError(
                 f"vision_adaptor=True needs a target with an image token; {config.model_type!r} has none "
                 f"(use vision_adaptor=False for text-only targets)"
             )
@@ -204,7 +220,7 @@ class Drafter(nn.Module):
         """Share the target's token embedding and LM head, after checking that this drafter was built for it."""
         problems = self.mismatches(target.config)
         if problems:
-            raise ValueError("drafter does not match the target: " + "; ".join(problems))
+            raise InputError("drafter does not match the target: " + "; ".join(problems))
         self._shared = (target.get_input_embeddings(), target.get_output_embeddings())
         return self
 
@@ -235,28 +251,30 @@ class Drafter(nn.Module):
         """Load config + safetensors weights; never unpickles. Binds to `target` when given (checking it matches)."""
         path = Path(path)
         if not path.is_dir():
-            raise FileNotFoundError(f"drafter directory {str(path)!r} does not exist")
+            raise MissingInputError(f"drafter directory {str(path)!r} does not exist")
         cfg_file, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
         if not weights.is_file():
             pickles = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
             if pickles:
-                raise ValueError(
+                raise InputError(
                     f"drafter in {str(path)!r} is saved only as a pickle ({', '.join(pickles)}); mmspec loads "
                     f"safetensors only, because unpickling can run arbitrary code. Convert it once with "
                     f"safetensors.torch.save_file(torch.load(file, weights_only=True), '{WEIGHTS_NAME}')"
                 )
-            raise FileNotFoundError(f"no {WEIGHTS_NAME} in drafter directory {str(path)!r}")
+            raise MissingInputError(f"no {WEIGHTS_NAME} in drafter directory {str(path)!r}")
         if not cfg_file.is_file():
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {str(path)!r}: not a directory written by Drafter.save_pretrained")
+            raise MissingInputError(f"no {CONFIG_NAME} in {str(path)!r}: not a directory written by Drafter.save_pretrained")
         try:
             config = DrafterConfig.from_dict(json.loads(cfg_file.read_text()))
-        except (json.JSONDecodeError, TypeError, KeyError) as e:
-            raise ValueError(f"{cfg_file} is not a valid mmspec drafter config: {e}") from None
+        except (ValueError, TypeError, KeyError) as e:  # JSONDecodeError and DrafterConfig's InputError are ValueErrors
+            raise InputError(f"{cfg_file} is not a valid mmspec drafter config: {e}") from None
+        except OSError as e:
+            raise InputError(f"cannot read drafter config {str(cfg_file)!r}: {e.strerror or e}") from None
         drafter = cls(config)
-        state = load_file(str(weights))
+        state = read_weights(weights)
         missing, unexpected = drafter.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(f"drafter weights in {str(weights)!r} do not fit its config: missing {missing}, unexpected {unexpected}")
+            raise InputError(f"drafter weights in {str(weights)!r} do not fit its config: missing {missing}, unexpected {unexpected}")
         if target is not None:
             drafter.bind(target)
         return drafter

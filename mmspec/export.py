@@ -19,11 +19,12 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from .drafter import WEIGHTS_NAME, Drafter
+from .errors import InputError, MissingInputError
 from .registry import resolve_dir
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,12 @@ _RENAME = {
 _NEEDS_MULTI_LAYER = (
     "vLLM and SGLang feed the drafter pre-norm hidden states of three target layers through fc (3H -> H)"
 )
+# The vision-language families whose target class runs an EAGLE-3 head in each engine, read from their sources: vLLM
+# needs the class to declare SupportsEagle3 (its LLaVA, LLaVA-NeXT and Qwen2-VL classes do not: "Model does not support
+# EAGLE3 interface"), SGLang needs set_eagle3_layers_to_capture (added for Qwen2.5-VL). Text LMs (Llama, Qwen2, ...)
+# are served by both and need no entry.
+ENGINE_FAMILIES = {"qwen2_5_vl": ("vLLM", "SGLang"), "mistral3": ("vLLM",)}
+ENGINES = ("vLLM", "SGLang")
 
 
 def export_eagle3(
@@ -59,10 +66,11 @@ def export_eagle3(
     target: the target model the drafter was trained for (built-in name, directory or cached Hugging Face id); default
     the one recorded at training time in config.extra["target"]. Only its LM head tensor is read.
     drop_vision_adaptor: export a ViSpec drafter's text path (the engines cannot run the adaptor).
-    Raises ValueError (with the reason) for drafters the engines cannot run and for a non-empty out_dir."""
+    Raises InputError (a ValueError, with the reason) for drafters the engines cannot run and for a non-empty out_dir;
+    logs a warning for targets that an engine cannot serve with an EAGLE-3 head."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"output {str(out)!r} exists and is not an empty directory; choose a new --out "
+        raise InputError(f"output {str(out)!r} exists and is not an empty directory; choose a new --out "
                          f"(export never overwrites files)")
     drafter = Drafter.from_pretrained(drafter_dir)
     c = drafter.config
@@ -71,7 +79,7 @@ def export_eagle3(
 
     target_name = target if target is not None else c.extra.get("target")
     if not target_name:
-        raise ValueError(
+        raise InputError(
             f"the drafter in {str(drafter_dir)!r} does not record its target (config.extra['target']); pass "
             f"target=<name or directory> to mmspec.export.export_eagle3"
         )
@@ -85,9 +93,23 @@ def export_eagle3(
     head = _target_lm_head(target_dir, target_config, c.vocab_size, c.hidden_size)
     tensors["lm_head.weight"] = head.to(dtype).contiguous()
 
+    config = _engine_config(c, target_config, str(target_name), dtype)
+    _warn_unserved(target_config)
+    _warn_mrope(target_config.get_text_config())
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    logger.info("wrote EAGLE-3 checkpoint %s (aux layers %s, %s)", out, config["eagle_aux_hidden_state_layer_ids"],
+                config["torch_dtype"])
+    return out
+
+
+def _engine_config(c, target_config, target_name: str, dtype: torch.dtype) -> dict:
+    """The config.json of the EAGLE-3 checkpoint: a one-layer LlamaConfig plus the engines' aux-layer keys."""
     layers = sorted(c.feature_layers)
     text = target_config.get_text_config()
-    config = {
+    return {
         "architectures": ["LlamaForCausalLMEagle3"],
         "model_type": "llama",
         "hidden_size": c.hidden_size,
@@ -98,8 +120,7 @@ def export_eagle3(
         "num_hidden_layers": 1,
         "hidden_act": "silu",
         "rms_norm_eps": c.rms_norm_eps,
-        "rope_theta": c.rope_theta,
-        "rope_scaling": None,  # the drafter uses plain RoPE on 1-D positions, whatever the target does
+        **_rope_fields(c.rope_theta, text),
         "vocab_size": c.vocab_size,
         "draft_vocab_size": c.vocab_size,
         "max_position_embeddings": int(getattr(text, "max_position_embeddings", None) or 2048),
@@ -114,45 +135,81 @@ def export_eagle3(
         "eagle_aux_hidden_state_layer_ids": layers,
         "eagle_config": {"use_aux_hidden_state": True, "eagle_aux_hidden_state_layer_ids": [i - 1 for i in layers]},
         # provenance only; the engines ignore unknown keys
-        "mmspec": {"target": str(target_name), "target_model_type": c.target_model_type,
+        "mmspec": {"target": target_name, "target_model_type": c.target_model_type,
                    "feature_layers": list(c.feature_layers), "vision_adaptor_dropped": c.vision_adaptor},
     }
-    _warn_mrope(text)
 
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    logger.info("wrote EAGLE-3 checkpoint %s (aux layers %s, %s)", out, layers, config["torch_dtype"])
-    return out
+
+def _mrope_section(text_config) -> list[int] | None:
+    params = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+    section = params.get("mrope_section") if isinstance(params, dict) else None
+    return [int(x) for x in section] if section else None
+
+
+def _rope_fields(theta: float, text_config) -> dict:
+    """The drafter's RoPE in both spellings: rope_theta + rope_scaling (transformers 4 and the engines' loaders) and
+    rope_parameters (transformers 5, where rope_scaling is only an alias).
+
+    The drafter rotates by the 1-D temporal row of the target's positions. For an M-RoPE target (Qwen2-VL, 2.5-VL) the
+    target's mrope_section goes into rope_scaling: SGLang's EAGLE-3 head reads 3-D positions (with the prompt's rope
+    delta) only when it finds one there, and otherwise numbers the text after an image differently from the target.
+    For text tokens the three rows are equal, so M-RoPE over them is exactly the drafter's 1-D rotation."""
+    section = _mrope_section(text_config)
+    params = {"rope_type": "default", "rope_theta": theta}
+    if section is None:
+        return {"rope_theta": theta, "rope_scaling": None, "rope_parameters": params}
+    return {"rope_theta": theta, "rope_scaling": {"rope_type": "default", "mrope_section": section},
+            "rope_parameters": {**params, "mrope_section": section}}
+
+
+def _warn_unserved(target_config) -> None:
+    """Warn when an engine cannot serve this target family with an EAGLE-3 head (the export itself is still valid)."""
+    if getattr(target_config, "vision_config", None) is None:
+        return  # text LMs: both engines capture aux states for the common families
+    served = ENGINE_FAMILIES.get(target_config.model_type, ())
+    missing = [e for e in ENGINES if e not in served]
+    if missing:
+        logger.warning(
+            "%s cannot serve %r targets with an EAGLE-3 drafter: the engine's class for that family does not "
+            "capture the target's hidden states (vLLM: \"Model does not support EAGLE3 interface\"). The export is "
+            "written; EAGLE-3 serving works for %s", " and ".join(missing), target_config.model_type,
+            ", ".join(f"{k} ({' and '.join(v)})" for k, v in ENGINE_FAMILIES.items()) + " and text LMs",
+        )
 
 
 def _check_exportable(drafter: Drafter, drop_vision_adaptor: bool) -> None:
     c = drafter.config
     if c.vision_adaptor and not drop_vision_adaptor:
-        raise ValueError(
+        raise InputError(
             "this drafter has a ViSpec vision adaptor; vLLM/SGLang cannot run the ViSpec adaptor; "
             "--drop-vision-adaptor exports the text path (image-free drafting, exact for the first draft token)"
         )
     if c.fusion != "multi_layer":
-        raise ValueError(
+        raise InputError(
             f"this drafter was trained with fusion={c.fusion!r} (it reads the target's final, normed hidden state); "
             f"{_NEEDS_MULTI_LAYER}, so it would see different features; train it with --fusion multi_layer"
         )
     layers = list(c.feature_layers)
     if c.target_num_layers in layers:
-        raise ValueError(
+        raise InputError(
             f"feature_layers {layers} include {c.target_num_layers}, the target's final hidden state after its last "
             f"norm; {_NEEDS_MULTI_LAYER} and never that one; train with --fusion multi_layer on layers "
             f"1..{c.target_num_layers - 1}"
         )
+    if c.target_num_layers < 4:
+        raise InputError(
+            f"the target has {c.target_num_layers} decoder layers; vLLM and SGLang capture the inputs of layers "
+            f"1..{c.target_num_layers - 1} only, too few for the three distinct feature layers their EAGLE-3 reads "
+            f"(a target this shallow cannot be served with an EAGLE-3 drafter)"
+        )
     if 0 in layers:
-        raise ValueError(
-            f"feature_layers {layers} include 0 (the token embeddings), which SGLang cannot address (its layer ids "
-            f"name layer outputs) and vLLM captures as embeddings + a missing residual; use layers "
+        raise InputError(
+            f"feature_layers {layers} include 0 (the token embeddings), which neither engine captures (SGLang's "
+            f"layer ids name layer outputs; vLLM adds a residual that does not exist before layer 0); use layers "
             f"1..{c.target_num_layers - 1}"
         )
     if len(layers) != 3 or len(set(layers)) != 3:
-        raise ValueError(
+        raise InputError(
             f"feature_layers {layers} must be three distinct layers: {_NEEDS_MULTI_LAYER}, capturing each layer once"
         )
 
@@ -181,8 +238,19 @@ def _engine_fc(drafter: Drafter) -> Tensor:
 
 
 def _saved_dtype(weights: Path) -> torch.dtype:
-    with safe_open(str(weights), framework="pt") as f:
+    with _safe_open(weights) as f:
         return f.get_tensor("q_proj.weight").dtype
+
+
+def _safe_open(file: Path):
+    """safe_open, with an InputError naming the file when it is truncated or unreadable (safetensors' own message
+    names no file)."""
+    try:
+        return safe_open(str(file), framework="pt")
+    except SafetensorError as e:
+        raise InputError(f"{str(file)!r} is not a complete safetensors file ({e}); it may be truncated or corrupt") from None
+    except OSError as e:
+        raise InputError(f"cannot read {str(file)!r}: {e.strerror or e}") from None
 
 
 def _target(name, drafter: Drafter):
@@ -190,12 +258,16 @@ def _target(name, drafter: Drafter):
 
     try:
         path = resolve_dir(name, "target")
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"cannot find the drafter's target to copy its LM head from: {e}") from None
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except MissingInputError as e:
+        raise MissingInputError(f"cannot find the drafter's target to copy its LM head from: {e}") from None
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:  # no or a broken config.json, or a model type transformers lacks
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"cannot read the config of target {str(name)!r} ({path}): {first}") from None
     problems = drafter.mismatches(config)
     if problems:
-        raise ValueError(f"the drafter does not match target {str(name)!r}: " + "; ".join(problems))
+        raise InputError(f"the drafter does not match target {str(name)!r}: " + "; ".join(problems))
     return path, config
 
 
@@ -203,38 +275,40 @@ def _target_lm_head(path: Path, config, vocab: int, hidden: int) -> Tensor:
     """Read only the target's output projection [V, H] from its safetensors files (its input embedding when tied)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = {path / f for f in weight_map.values()}
+        try:
+            files = {path / f for f in json.loads(index.read_text())["weight_map"].values()}
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+            raise InputError(f"cannot read the weight map {str(index)!r}: {e}") from None
     else:
         files = set(path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"target directory {str(path)!r} has no safetensors weights to read the LM head from")
+        raise MissingInputError(f"target directory {str(path)!r} has no safetensors weights to read the LM head from")
     tied = bool(getattr(config, "tie_word_embeddings", False)) or bool(
         getattr(config.get_text_config(), "tie_word_embeddings", False)
     )
     suffix = "embed_tokens.weight" if tied else "lm_head.weight"
     found = []
     for file in sorted(files):
-        with safe_open(str(file), framework="pt") as f:
+        with _safe_open(file) as f:
             for key in f.keys():
                 if key == suffix or key.endswith("." + suffix):
                     if tuple(f.get_slice(key).get_shape()) == (vocab, hidden):
                         found.append((len(key), key, file))
     if not found:
         what = "input embedding (tie_word_embeddings)" if tied else "lm_head"
-        raise ValueError(
+        raise InputError(
             f"no {what} tensor of shape [{vocab}, {hidden}] (a key ending in {suffix!r}) in the safetensors files "
             f"of target {str(path)!r}"
         )
     _, key, file = min(found)  # the shortest key: the language model's own, not a nested module's
-    with safe_open(str(file), framework="pt") as f:
+    with _safe_open(file) as f:
         return f.get_tensor(key)
 
 
 def _warn_mrope(text_config) -> None:
-    params = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
-    if isinstance(params, dict) and "mrope_section" in params:
+    if _mrope_section(text_config) is not None:
         logger.warning(
-            "the target uses M-RoPE; the drafter was trained on 1-D positions (the temporal row). Check that your "
-            "engine gives the EAGLE-3 head the same positions after images, or acceptance will drop there"
+            "the target uses M-RoPE: its mrope_section is in the export's rope_scaling, so text positions match the "
+            "target's; image tokens are rotated by their height/width rows there, where the drafter saw the temporal "
+            "row, so drafts right after an image may be accepted less often than in mmspec"
         )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .errors import MissingInputError
+
 MODELS_DIR = Path(__file__).parent / "models"
 REBUILD = "python -m mmspec.data_tools.build_minis"
 
@@ -18,7 +20,7 @@ BUILTIN_ASSISTANTS = {"mini-vlm-assistant": "mini-vlm"}
 def builtin_path(name: str) -> Path:
     path = MODELS_DIR / name
     if not path.is_dir() or not any(path.iterdir()):
-        raise FileNotFoundError(f"the built-in model {name!r} is not in this installation ({path}); rebuild it with `{REBUILD}`")
+        raise MissingInputError(f"the built-in model {name!r} is not in this installation ({path}); rebuild it with `{REBUILD}`")
     return path
 
 
@@ -40,7 +42,7 @@ def resolve_dir(name: str | os.PathLike, what: str) -> Path:
 
         return Path(snapshot_download(name_s, local_files_only=True))
     except Exception:  # noqa: BLE001 - any hub failure means "not available offline"; we say so below
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{what} {name_s!r} is not a built-in name ({', '.join(sorted(BUILTIN_TARGETS))}), a local directory, or a "
             f"Hugging Face id in the local cache (mmspec never downloads)"
         ) from None
@@ -50,5 +52,5 @@ def sample_image_path() -> Path:
     """The bundled sample scene used when `mmspec caption` gets no image."""
     path = Path(__file__).parent / "assets" / "sample_scene.png"
     if not path.is_file():
-        raise FileNotFoundError(f"the bundled sample image is missing ({path}); rebuild with `{REBUILD}`")
+        raise MissingInputError(f"the bundled sample image is missing ({path}); rebuild with `{REBUILD}`")
     return path

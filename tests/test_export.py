@@ -2,6 +2,7 @@
 tensors compute what the drafter computes (checked with an independent re-implementation of the engines' layer)."""
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -10,9 +11,11 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, LlavaForConditionalGeneration
+from transformers import AutoConfig, AutoModelForImageTextToText, LlavaForConditionalGeneration
 
 from mmspec import Drafter
+from mmspec.drafter import default_feature_layers
+from mmspec.errors import InputError
 from mmspec.export import export_eagle3
 
 LAYERS = 7  # the tiny models have 2 decoder layers: too few for three distinct inner feature layers
@@ -36,6 +39,27 @@ def target(tiny_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("llava7")
     model.save_pretrained(path)
     return path, model
+
+
+@pytest.fixture(scope="module")
+def deep(tiny_dir, tmp_path_factory):
+    """(family, decoder layers) -> (directory, model): a deeper random variant of a tiny family."""
+    built = {}
+
+    def get(family: str, layers: int):
+        if (family, layers) not in built:
+            config = AutoConfig.from_pretrained(tiny_dir(family))
+            config.text_config.num_hidden_layers = layers
+            if getattr(config.text_config, "layer_types", None):  # Qwen: one attention type per layer
+                config.text_config.layer_types = config.text_config.layer_types[:1] * layers
+            torch.manual_seed(2)
+            model = AutoModelForImageTextToText.from_config(config).eval()
+            path = tmp_path_factory.mktemp(f"{family}{layers}")
+            model.save_pretrained(path)
+            built[family, layers] = (path, model)
+        return built[family, layers]
+
+    return get
 
 
 def _randomize(drafter: Drafter) -> Drafter:
@@ -86,6 +110,7 @@ def test_layout_shapes_and_config(target, tmp_path):
                   num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, num_hidden_layers=1,
                   vocab_size=c.vocab_size, draft_vocab_size=c.vocab_size, tie_word_embeddings=False,
                   rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, rope_scaling=None,
+                  rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
                   max_position_embeddings=model.config.text_config.max_position_embeddings, torch_dtype="float32")
     assert {k: cfg[k] for k in expect} == expect
     assert cfg["eagle_aux_hidden_state_layer_ids"] == [1, 3, 5]  # vLLM: input of layer i = hidden_states[i]
@@ -226,3 +251,81 @@ def test_cli(target, tmp_path):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "--drop-vision-adaptor" in lines[0], res.stderr
     assert not (tmp_path / "out_vis").exists()
+
+
+def test_default_feature_layers_are_distinct_and_exportable():
+    """Three distinct layers for every target of 3+ layers; from 4 layers on, inside the 1..L-1 the engines capture;
+    from 7 on (where it repeats no layer) EAGLE-3's own low / middle / high choice (2, L//2, L-3)."""
+    assert default_feature_layers(3, "multi_layer") == (0, 1, 2)
+    for n in range(3, 81):
+        layers = default_feature_layers(n, "multi_layer")
+        assert len(set(layers)) == 3 and all(0 <= i < n for i in layers), (n, layers)
+        if n >= 4:
+            assert all(1 <= i <= n - 1 for i in layers), (n, layers)
+        if n >= 7:
+            assert layers == (2, n // 2, n - 3)
+    assert default_feature_layers(32, "last") == (32,)
+
+
+@pytest.mark.parametrize("layers", [3, 4])
+def test_drafters_with_default_layers_export_or_say_why(deep, tmp_path, layers):
+    """The defaults of a 4-layer target export; a 3-layer target gets distinct layers too, and export names the real
+    obstacle (the engines capture only layers 1..L-1) instead of complaining about repeated layers."""
+    target_dir, model = deep("llava", layers)
+    drafter = _save(model, tmp_path / "d", target_dir, feature_layers=None)
+    assert len(set(drafter.config.feature_layers)) == 3
+    if layers == 4:
+        out = export_eagle3(tmp_path / "d", tmp_path / "out")
+        assert json.loads((out / "config.json").read_text())["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
+    else:
+        with pytest.raises(InputError, match="3 decoder layers.*1..2 only"):
+            export_eagle3(tmp_path / "d", tmp_path / "out")
+
+
+@pytest.mark.parametrize("family,unserved", [("llava", "vLLM and SGLang"), ("qwen2_vl", "vLLM and SGLang"),
+                                              ("qwen2_5_vl", None)])
+def test_engine_families_and_mrope(deep, tmp_path, caplog, family, unserved):
+    """Export warns for target families an engine cannot serve with EAGLE-3; an M-RoPE target's mrope_section goes
+    into rope_scaling (SGLang's trigger for 3-D positions) and rope_parameters (transformers 5)."""
+    target_dir, model = deep(family, LAYERS)
+    c = _save(model, tmp_path / "d", target_dir).config
+    with caplog.at_level(logging.WARNING, logger="mmspec.export"):
+        out = export_eagle3(tmp_path / "d", tmp_path / "out")
+    cannot = [r.getMessage() for r in caplog.records if "cannot serve" in r.getMessage()]
+    if unserved:
+        assert len(cannot) == 1 and cannot[0].startswith(f"{unserved} cannot serve {family!r}"), cannot
+        assert "qwen2_5_vl (vLLM and SGLang)" in cannot[0]
+    else:
+        assert not cannot
+    cfg = json.loads((out / "config.json").read_text())
+    if family == "llava":
+        assert cfg["rope_scaling"] is None
+        assert cfg["rope_parameters"] == {"rope_type": "default", "rope_theta": c.rope_theta}
+        return
+    section = model.config.get_text_config().rope_parameters["mrope_section"]
+    assert cfg["rope_theta"] == c.rope_theta
+    assert cfg["rope_scaling"] == {"rope_type": "default", "mrope_section": section}
+    assert cfg["rope_parameters"] == {"rope_type": "default", "rope_theta": c.rope_theta, "mrope_section": section}
+    assert sum(section) * 2 == cfg["head_dim"]  # M-RoPE covers the drafter's whole rotary dimension
+    llama = AutoConfig.from_pretrained(out)
+    assert llama.rope_parameters["mrope_section"] == section and llama.rope_parameters["rope_theta"] == c.rope_theta
+
+
+def test_truncated_files_name_the_file(target, tmp_path):
+    """A truncated drafter or target safetensors file: an InputError naming it, not safetensors' bare message."""
+    target_dir, model = target
+    _save(model, tmp_path / "d", target_dir)
+    weights = tmp_path / "d" / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(InputError, match=r"model\.safetensors.*truncated"):
+        export_eagle3(tmp_path / "d", tmp_path / "out")
+    weights.write_bytes(whole)
+    fake = tmp_path / "target"
+    fake.mkdir()
+    (fake / "config.json").write_text((target_dir / "config.json").read_text())
+    head = (target_dir / "model.safetensors").read_bytes()
+    (fake / "model.safetensors").write_bytes(head[: len(head) // 3])
+    with pytest.raises(InputError, match="target.*model.safetensors.*truncated"):
+        export_eagle3(tmp_path / "d", tmp_path / "out2", target=fake)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
