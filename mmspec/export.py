@@ -48,8 +48,8 @@ _NEEDS_MULTI_LAYER = (
 )
 # The vision-language families whose target class runs an EAGLE-3 head in each engine, read from their sources: vLLM
 # needs the class to declare SupportsEagle3 (its LLaVA, LLaVA-NeXT and Qwen2-VL classes do not: "Model does not support
-# EAGLE3 interface"), SGLang needs set_eagle3_layers_to_capture (added for Qwen2.5-VL). Text LMs (Llama, Qwen2, ...)
-# are served by both and need no entry.
+# EAGLE3 interface"; Mistral3 does in recent versions), SGLang needs set_eagle3_layers_to_capture (added for
+# Qwen2.5-VL; not found for the others). Text LMs (Llama, Qwen2, ...) are served by both and need no entry.
 ENGINE_FAMILIES = {"qwen2_5_vl": ("vLLM", "SGLang"), "mistral3": ("vLLM",)}
 ENGINES = ("vLLM", "SGLang")
 
@@ -170,9 +170,9 @@ def _warn_unserved(target_config) -> None:
     missing = [e for e in ENGINES if e not in served]
     if missing:
         logger.warning(
-            "%s cannot serve %r targets with an EAGLE-3 drafter: the engine's class for that family does not "
-            "capture the target's hidden states (vLLM: \"Model does not support EAGLE3 interface\"). The export is "
-            "written; EAGLE-3 serving works for %s", " and ".join(missing), target_config.model_type,
+            "%s: no EAGLE-3 serving known for %r targets (the engine's class for the family must capture the "
+            "target's hidden states; vLLM otherwise stops with \"Model does not support EAGLE3 interface\"). The "
+            "export is written; known to serve: %s", " and ".join(missing), target_config.model_type,
             ", ".join(f"{k} ({' and '.join(v)})" for k, v in ENGINE_FAMILIES.items()) + " and text LMs",
         )
 
