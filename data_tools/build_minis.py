@@ -6,7 +6,8 @@
       -> fp16 safetensors under mmspec/models/, a sample scene under mmspec/assets/, build_info.json
 
 Every stage is seeded and skipped when its output already exists in --work, so an interrupted build resumes. The
-default sizes take about 1.6 hours on a 2-core CPU (see BuildPlan); --size micro runs the whole path in a minute
+default sizes take about 1.6 hours on a 2-core CPU (docs/mini-models.md: where the time goes, and the pilots
+behind the recipe); --size micro runs the whole path in a minute
 (the test suite does).
 """
 
@@ -35,36 +36,11 @@ class BuildPlan:
     n_eval: int = 700
     n_drafter: int = 700  # conversations the target re-answers for drafter and assistant training
     target_vision_steps: int = 700  # vision-only warm-up of mini-vlm's tower on the scene labels (then frozen)
-    # Where the time goes (2-core CPU, unshared): data 1 min, warm-up 4, joint 38, short-answer 18, counting 25,
-    # grading, regeneration, drafters and assistant 9 min. Training is compute-bound (100-200 GFLOP/s in bf16), so only
-    # fewer steps would make it faster, and they cost accuracy: a full build with 1400 joint, 1000 short-answer and
-    # 1200 counting steps took 68 min but ended at count 70 % (test.jsonl 60 %), colour 97 %; the full 1800 counting
-    # steps from its short-answer model still gave 71 % (shape 78 %, position 80 %): the long joint run is the key.
-    # Two more pilots that failed the 95 % counting bar: batch 16 in every stage (same steps, ~62 min in all) ended
-    # at count 49 %, shape 76 % (its joint run matched batch 32's, its two question stages did not: counting wants
-    # examples, not steps); a single stage of 3200 steps on all tasks plus the balanced fresh count questions (40 %
-    # of the mix), every answer weighing the same (~65 min), stood at count 39 %, colour 60 % after 2400 steps: the
-    # token-weighted descriptions of the joint run are what teach the decoder to bind a question to its object.
-    # Merging the two question stages into one (the short-answer mix plus the balanced fresh counts, 55 % count,
-    # lr 5e-4, from the joint model; it would save ~16 min) held count at 67 / 58 / 58 % after 300 / 600 / 900 of
-    # 1800 steps (colour 90 %), where the two stages in turn reach 81 % and then 92 % by 900 counting steps. A
-    # counting stage on multi-turn conversations (2.3 count questions per scene, the image read once; a step costs
-    # 1.35x) stood at 45 / 36 / 55 % after 100 / 200 / 300 steps, where the single-question stage had 71 % at 300.
-    # And torch.compile (inductor) makes a training step only ~6 % faster after a 2-minute compile.
-    # Cheaper steps instead of fewer: 20-px patches (9 image tokens, one per grid cell; the full plan would take
-    # ~65-70 min) matched the joint run (count/colour 82 / 65 %) but the short-answer stage ended at 79 / 92 % (36
-    # tokens: 85 / 97 %) and the counting stage fell to count 36 % at steps 900 and 1200 (colour 97 %): with one
-    # token per object the decoder reads colours but does not learn to count in the same steps.
-    # Counts in every image token: a probe head reading, from each token, how many objects of each shape, of each
-    # colour and in all the image holds (1200 warm-up steps, the ViT then gets 88-95 % of tokens' counts all right),
-    # then 1400 / 1000 / 600 steps (~75 min in all): count 79 % after the joint run, 85 % after the short-answer
-    # stage, and the counting stage fell to 48-67 % (final count 68 % eval / 60 % test, colour 95 %): a decoder from
-    # scratch does not learn to pick the asked attribute's count out of a token any faster than to count.
-    # A 256-wide decoder (8.8 M parameters) makes a step only 1.36x cheaper (0.70 vs 0.95 s: attention, norms and the
-    # frozen tower do not shrink with the width), so the steps counting needs would still take ~70 min.
-    # Eager attention in training: a step 17 % faster than sdpa on the same 16 batches (833 vs 1007 ms, sdpa's CPU
-    # attention backward costs ~18 ms a layer at 60 tokens), but a full build with it was not finished (its joint
-    # run took 33 min, count/colour 76 / 92 %), so the recipe that met the bars keeps sdpa until one is.
+    # The recipe: a vision warm-up stands in for a pretrained CLIP; then, tower frozen, a long joint run whose
+    # token-weighted descriptions teach the decoder to bind a question to its object, a short-answer stage and a
+    # counting stage (both weighing every answer the same) that lift colour and count past the 95 % bars. ~95 min,
+    # compute-bound, and every shorter or cheaper variant piloted so far counted worse: docs/mini-models.md has them
+    # all (change, minutes, accuracies, verdict), so check there before trying another.
     target_steps: int = 2_400
     target_batch: int = 32
     target_lr: float = 1e-3
@@ -73,8 +49,7 @@ class BuildPlan:
     n_count: int = 30_000  # fresh count questions for the counting stage (see COUNT_SHARE)
     count_steps: int = 1_800
     count_lr: float = 3e-4
-    # Drafters train briefly: with 2000 conversations and 1000 steps eagle's bench tau rose from 4.0 to 4.3 but
-    # vispec's stayed at ~4.5, so the adaptor's edge (tau 1.1x eagle's) is mostly faster learning on this world.
+    # Drafters train briefly: longer runs lifted eagle's tau but not vispec's (docs/mini-models.md).
     drafter_steps: int = 400
     drafter_batch: int = 8
     assistant_steps: int = 300
@@ -89,20 +64,15 @@ PLANS = {
                        target_batch=8, qa_steps=3, qa_lr=1e-5, n_count=16, count_steps=3, count_lr=1e-5,
                        drafter_steps=3, drafter_batch=4, assistant_steps=3, max_new_tokens=24),
 }
-# The share of each task's training conversations the short-answer stage keeps. After the joint run mini-vlm reads
-# the scene (shape answers 79 %) but binds a question to its object only ~70 % of the time, gaining ~5 points per
-# 300 joint steps. 1200 steps mostly on count and colour questions, every answer weighing the same, took held-out
-# colour from 70 to 97 % and count from 69 to 81 % (300 further count-heavy steps left count at ~78 %: it finds
-# the object but says "one" for zero, two or three matches: 55 % of count answers are "one"), hence the counting
-# stage after it. A few descriptions and the other tasks stay in so the long answers the drafters learn from are
-# not forgotten.
+# The share of each task's training conversations the short-answer stage keeps: mostly count and colour, the
+# questions the joint run leaves the decoder binding to the wrong object; a few descriptions and the other tasks stay
+# in so the long answers the drafters learn from are not forgotten.
 QA_SHARE = {"count": 1.0, "colour": 1.0, "shape": 0.3, "position": 0.3, "yesno": 0.5, "compare": 0.5,
             "describe": 0.1}
-# The counting stage: 30k fresh count questions with the answer "1" kept at a quarter, so the answers 0-4 are
-# about equally likely and "one" stops paying, mixed with part of the other tasks so colour and the long answers
-# hold. The same balancing on train.jsonl's own count questions (4.8k kept, 39 % of the mix) reached 80 % after
-# 900 steps; 18k fresh ones (71 % of the mix) reached 92 % at step 900 and 97 % at 1800. Keeping the vision tower
-# trainable here was worse (86 % at step 900, colour 91 %).
+# The counting stage: fresh count questions with the answer "1" kept at a quarter, so the answers 0-4 are about
+# equally likely and answering "one" (the short-answer stage's prior) stops paying, mixed with part of the other
+# tasks so colour and the long answers hold. Fresh scenes counted better than re-balancing train.jsonl's own count
+# questions, and the tower stays frozen here too (docs/mini-models.md).
 COUNT_SHARE = {"count": 1.0, "count:1": 0.25}
 COUNT_MIX_SHARE = {"colour": 0.5, "shape": 0.15, "position": 0.15, "yesno": 0.25, "compare": 0.25, "describe": 0.05}
 COUNT_SEED_OFFSET = 1_234
