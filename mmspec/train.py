@@ -20,16 +20,17 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .drafter import WEIGHTS_NAME, Drafter
+from .drafter import CONFIG_NAME, WEIGHTS_NAME, Drafter, DrafterConfig, read_weights
+from .errors import InputError, UserError
 from .images import cast_pixels
 from .proposer import build_pairs
 from .target import target_forward
@@ -63,7 +64,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if not self.teacher_cache_gb >= 0:  # also rejects NaN
-            raise ValueError(f"teacher_cache_gb must be >= 0 (0 turns the cache off), got {self.teacher_cache_gb!r}")
+            raise InputError(f"teacher_cache_gb must be >= 0 (0 turns the cache off), got {self.teacher_cache_gb!r}")
 
 
 # ---- turning a conversation into teacher signals -------------------------------------------------------------------
@@ -95,7 +96,7 @@ def encode_conversation(adapter, processor, conv) -> tuple[dict, Tensor]:
         start = render(msgs[:k], True)["input_ids"].shape[1]
         end = render(msgs[: k + 1], False)["input_ids"].shape[1]
         if not torch.equal(render(msgs[: k + 1], False)["input_ids"][0], ids[:end]):
-            raise ValueError(f"line {conv.line_no}: the chat template does not render this conversation prefix-stably")
+            raise InputError(f"line {conv.line_no}: the chat template does not render this conversation prefix-stably")
         mask[start:end] = True
     return dict(full), mask
 
@@ -119,7 +120,7 @@ def teach(model, adapter, processor, conv, feature_layers: tuple[int, ...], want
     cast_pixels(inputs, model.dtype)
     n = inputs["input_ids"].shape[1]
     if n > max_length:
-        raise ValueError(f"line {conv.line_no}: {n} tokens, more than --max-length {max_length}")
+        raise InputError(f"line {conv.line_no}: {n} tokens, more than --max-length {max_length}")
     out = target_forward(model, inputs, want_hidden=True, want_embeds=want_embeds, all_logits=True, use_cache=False)
     positions, _ = adapter.prompt_positions(model, inputs)
     return Example(
@@ -273,33 +274,85 @@ class DraftObjective(nn.Module):
 
 # ---- checkpoints: safetensors + JSON only, so resuming never unpickles --------------------------------------------------
 
+# TrainConfig fields that do not change what training computes; every other one must match to resume a run exactly
+_RESUME_FREE = ("save_every", "teacher_cache_gb")
 
-def _save_checkpoint(path: Path, drafter: Drafter, optimizer, scheduler, step: int, generator: torch.Generator) -> None:
+
+@dataclass
+class LoopState:
+    """What, besides weights, optimizer and schedule, decides the rest of a run: the data order (the order generator
+    as it was before this epoch's permutation, and how many of this epoch's batches are done) and every process's
+    noise generator. A run resumed from it takes exactly the steps an uninterrupted run would have taken."""
+
+    step: int = 0
+    skipped: int = 0
+    consumed: int = 0
+    epoch_order: Tensor | None = None  # ByteTensor: torch.Generator state
+    noise: list[Tensor] = field(default_factory=list)  # one generator state per process, by process index
+
+
+def _save_checkpoint(path: Path, drafter: Drafter, optimizer, scheduler, loop: LoopState, cfg: TrainConfig,
+                     scaler=None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     drafter.save_pretrained(tmp)
     state = optimizer.state_dict()
     tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in state["state"].items() for k, v in st.items()}
-    tensors["generator_state"] = generator.get_state()
+    tensors["loop.epoch_order"] = loop.epoch_order
+    tensors.update({f"loop.noise.{rank}": g for rank, g in enumerate(loop.noise)})
     save_file(tensors, str(tmp / "optimizer.safetensors"))
-    meta = {"step": step, "param_groups": state["param_groups"], "scheduler": scheduler.state_dict()}
+    meta = {"step": loop.step, "skipped": loop.skipped, "consumed": loop.consumed, "processes": len(loop.noise),
+            "config": asdict(cfg), "param_groups": state["param_groups"], "scheduler": scheduler.state_dict(),
+            "scaler": None if scaler is None else scaler.state_dict()}
     (tmp / "trainer_state.json").write_text(json.dumps(meta, default=float))
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)  # a crash mid-save leaves the previous checkpoint intact
 
 
-def _load_checkpoint(path: Path, drafter: Drafter, optimizer, scheduler, generator: torch.Generator) -> int:
-    drafter.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=False)
-    meta = json.loads((path / "trainer_state.json").read_text())
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    generator.set_state(tensors.pop("generator_state"))
+def _load_checkpoint(path: Path, drafter: Drafter, optimizer, scheduler, cfg: TrainConfig, world: int,
+                     scaler=None) -> LoopState:
+    """Restore a checkpoint into freshly built objects, refusing one that the same command did not write."""
+    try:
+        meta = json.loads((path / "trainer_state.json").read_text())
+        saved = DrafterConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
+        old_cfg, step, skipped, consumed = meta["config"], meta["step"], meta["skipped"], meta["consumed"]
+    except (OSError, ValueError, TypeError, KeyError) as e:  # KeyError: a checkpoint of an older mmspec
+        raise InputError(f"cannot resume from {path} ({type(e).__name__}: {e}); delete it or use a new --out") from None
+    changed = [f"{k}={old_cfg.get(k)!r} (now {v!r})" for k, v in asdict(cfg).items()
+               if k not in _RESUME_FREE and old_cfg.get(k) != v]
+    changed += [f"{k}={getattr(saved, k)!r} (now {v!r})" for k, v in asdict(drafter.config).items()
+                if k != "extra" and getattr(saved, k) != v]
+    if meta.get("processes") != world:
+        changed.append(f"{meta.get('processes')} processes (now {world})")
+    if changed:
+        raise InputError(f"checkpoint {path} was written by a different run: {', '.join(changed)}; rerun the same "
+                         f"command to resume it, or use a new --out")
+    try:
+        drafter.load_state_dict(read_weights(path / WEIGHTS_NAME))  # strict: every tensor, nothing else
+    except RuntimeError as e:  # missing, unexpected or misshapen tensors
+        raise InputError(f"the weights in checkpoint {path} do not fit this drafter: {' '.join(str(e).split())}") from None
+    tensors = read_weights(path / "optimizer.safetensors")
+    loop = LoopState(step=int(step), skipped=int(skipped), consumed=int(consumed),
+                     epoch_order=tensors.pop("loop.epoch_order"),
+                     noise=[tensors.pop(f"loop.noise.{rank}") for rank in range(world)])
     state: dict[int, dict[str, Tensor]] = {}
     for key, value in tensors.items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
-    return int(meta["step"])
+    if scaler is not None and meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
+    return loop
+
+
+def _epoch_batches(order_gen: torch.Generator, n: int, rank: int, world: int, batch_size: int) -> list[list[int]]:
+    """This process's batches of one epoch. A strided share of one permutation per process (data-parallel), cut to the
+    same length everywhere: every process must take the same number of steps, or the gradient all-reduce would wait
+    forever."""
+    perm = torch.randperm(n, generator=order_gen).tolist()
+    mine = perm[rank::world][: n // world]
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
 # ---- the loop ------------------------------------------------------------------------------------------------------------
@@ -335,20 +388,133 @@ def evaluate(objective: DraftObjective, batches: list[list[Example]]) -> dict:
     return out
 
 
-def train_drafter(target: str, data: str | Path, out: str | Path, cfg: TrainConfig = TrainConfig(), *,
-                  device: str | None = None) -> dict:
-    """Train a drafter for `target` on JSONL conversations; writes a Drafter directory to `out` (main process only)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+class OutputExistsError(UserError, FileExistsError):
+    """--out holds something other than a checkpoint of this run."""
 
+
+@dataclass
+class _Training:
+    """The objects one training run steps together."""
+
+    cfg: TrainConfig
+    accelerator: object
+    drafter: Drafter
+    objective: nn.Module  # DraftObjective, wrapped by accelerate (DDP) when data-parallel
+    optimizer: object
+    scheduler: object
+    noise: torch.Generator  # this process's feature-noise generator
+    order: torch.Generator  # the data order, the same on every process
+
+    @property
+    def scaler(self):
+        return getattr(self.accelerator, "scaler", None)  # fp16's GradScaler, else None
+
+
+def _load_inputs(target: str, data, cfg: TrainConfig, device):
+    """-> (train conversations, held-out conversations, skip report, model, processor, adapter), with the checks
+    that need both the data and the target."""
     from .data_tools.jsonl import read_conversations
     from .pipeline import load_target
 
+    convs, report = read_conversations(data)
+    if not convs:
+        raise InputError(f"no usable conversations in {data} (skipped: {report.counts})")
+    train_set, eval_set = _split(convs, cfg.eval_fraction, cfg.seed)
+    model, processor, adapter = load_target(target, device=device, dtype=torch.float32)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if adapter.multimodal is False and cfg.vision_adaptor:
+        raise InputError("--vision-adaptor needs a vision-language target; this one is text-only (use --no-vision-adaptor)")
+    if not adapter.multimodal and any(c.images for c in convs):
+        n = sum(1 for c in convs if c.images)
+        raise InputError(f"{n} conversations in {data} have images, but target {target!r} is a text-only model")
+    if cfg.vision_adaptor and not any(c.images for c in convs):
+        logger.warning("--vision-adaptor with a data set that has no images: the adaptor will not learn anything")
+    return train_set, eval_set, report, model, processor, adapter
+
+
+def _lr_lambda(cfg: TrainConfig, total_steps: int):
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return lr_at
+
+
+def _run_steps(t: _Training, loop: LoopState, train_set: list, examples, total_steps: int, ckpt: Path) -> None:
+    """Optimizer steps until total_steps, checkpointing every cfg.save_every; `loop` is advanced in place."""
+    cfg, acc = t.cfg, t.accelerator
+    world = acc.num_processes
+    bar = tqdm(total=total_steps, initial=loop.step, disable=not acc.is_main_process, desc="train-drafter")
+    t.order.set_state(loop.epoch_order)
+    epoch_batches = _epoch_batches(t.order, len(train_set), acc.process_index, world, cfg.batch_size)[loop.consumed:]
+    per_epoch = math.ceil((len(train_set) // world) / cfg.batch_size)
+    micro = 0  # checkpoints fall on optimizer steps, so a resumed run starts at a step boundary too
+    failed = 0  # batches in a row whose every example failed
+    while loop.step < total_steps:
+        if not epoch_batches:
+            loop.epoch_order, loop.consumed = t.order.get_state(), 0
+            epoch_batches = _epoch_batches(t.order, len(train_set), acc.process_index, world, cfg.batch_size)
+        idx = epoch_batches.pop(0)
+        loop.consumed += 1
+        exs = examples([train_set[i] for i in idx])
+        if not exs:
+            failed += 1
+            if world > 1 or failed > per_epoch:
+                raise InputError(f"every example of {failed} batch(es) in a row failed (last batch: lines "
+                                 f"{[train_set[i].line_no for i in idx]}); fix the data: a data-parallel run cannot "
+                                 f"skip a step on one process, and a whole epoch of failures would never end")
+            continue
+        failed = 0
+        with acc.accumulate(t.objective):
+            loss, metrics = t.objective(exs, t.noise)
+            acc.backward(loss)
+            if acc.sync_gradients:
+                acc.clip_grad_norm_(t.objective.parameters(), 1.0)
+            t.optimizer.step()
+            t.optimizer.zero_grad()
+            if acc.sync_gradients:
+                t.scheduler.step()
+        micro += 1
+        if micro % cfg.grad_accum:
+            continue
+        loop.step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{float(metrics['acc_0']):.2f}")
+        if loop.step % cfg.save_every == 0 and loop.step < total_steps:
+            _checkpoint(t, loop, ckpt)
+    bar.close()
+
+
+def _checkpoint(t: _Training, loop: LoopState, ckpt: Path) -> None:
+    from accelerate.utils import gather_object
+
+    acc = t.accelerator
+    acc.wait_for_everyone()
+    state = t.noise.get_state()
+    loop.noise = gather_object([state]) if acc.num_processes > 1 else [state]  # every process's noise state
+    if acc.is_main_process:
+        _save_checkpoint(ckpt, t.drafter, t.optimizer, t.scheduler, loop, t.cfg, t.scaler)
+    acc.wait_for_everyone()
+
+
+def train_drafter(target: str, data: str | Path, out: str | Path, cfg: TrainConfig = TrainConfig(), *,
+                  device: str | None = None) -> dict:
+    """Train a drafter for `target` on JSONL conversations; writes a Drafter directory to `out` (main process only).
+    Rerunning the same call after an interruption resumes from the last checkpoint in `out` and trains exactly the
+    weights the uninterrupted run would have."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
     out = Path(out)
     ckpt = out / CHECKPOINT
-    if out.exists() and any(out.iterdir()) and not ckpt.is_dir():
-        raise FileExistsError(f"output directory {str(out)!r} exists and is not empty (and holds no checkpoint to resume); "
-                              f"choose a new --out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not ckpt.is_dir():
+        raise OutputExistsError(f"output {str(out)!r} exists and is not empty (or not a directory), and holds no "
+                                f"checkpoint to resume; choose a new --out")
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -356,21 +522,13 @@ def train_drafter(target: str, data: str | Path, out: str | Path, cfg: TrainConf
         cpu=device == "cpu" or (device is None and not torch.cuda.is_available()),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    if accelerator.is_main_process:
+        try:  # now, not after hours of training
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cannot create --out {str(out)!r}: {e.strerror or e}") from None
     torch.manual_seed(cfg.seed)
-    convs, report = read_conversations(data)
-    if not convs:
-        raise ValueError(f"no usable conversations in {data} (skipped: {report.counts})")
-    train_set, eval_set = _split(convs, cfg.eval_fraction, cfg.seed)
-    model, processor, adapter = load_target(target, device=accelerator.device, dtype=torch.float32)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if adapter.multimodal is False and cfg.vision_adaptor:
-        raise ValueError("--vision-adaptor needs a vision-language target; this one is text-only (use --no-vision-adaptor)")
-    if not adapter.multimodal and any(c.images for c in convs):
-        n = sum(1 for c in convs if c.images)
-        raise ValueError(f"{n} conversations in {data} have images, but target {target!r} is a text-only model")
-    if cfg.vision_adaptor and not any(c.images for c in convs):
-        logger.warning("--vision-adaptor with a data set that has no images: the adaptor will not learn anything")
+    train_set, eval_set, report, model, processor, adapter = _load_inputs(target, data, cfg, accelerator.device)
     drafter = Drafter.for_target(model, vision_adaptor=cfg.vision_adaptor, num_queries=cfg.num_queries, fusion=cfg.fusion)
     drafter.config.extra["target"] = str(target)  # lets export-drafter find the LM head it shares
     drafter.to(accelerator.device)
@@ -379,24 +537,19 @@ def train_drafter(target: str, data: str | Path, out: str | Path, cfg: TrainConf
                                   weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     world = accelerator.num_processes
     if len(train_set) < world:
-        raise ValueError(f"{len(train_set)} training conversations cannot feed {world} processes")
+        raise InputError(f"{len(train_set)} training conversations cannot feed {world} processes")
     per_epoch = math.ceil((len(train_set) // world) / cfg.batch_size)
     total_steps = cfg.max_steps or max(1, per_epoch * cfg.epochs // cfg.grad_accum)
-
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
     objective, optimizer = accelerator.prepare(objective, optimizer)
-    generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed + accelerator.process_index)
-    order_gen = torch.Generator().manual_seed(cfg.seed)
-    step = 0
+    t = _Training(cfg, accelerator, drafter, objective, optimizer, scheduler,
+                  noise=torch.Generator(device=accelerator.device).manual_seed(cfg.seed + accelerator.process_index),
+                  order=torch.Generator().manual_seed(cfg.seed))
+    loop = LoopState(epoch_order=t.order.get_state())
     if ckpt.is_dir():
-        step = _load_checkpoint(ckpt, drafter, optimizer, scheduler, generator)
-        logger.info("resumed from %s at step %d", ckpt, step)
+        loop = _load_checkpoint(ckpt, drafter, optimizer, scheduler, cfg, world, t.scaler)
+        t.noise.set_state(loop.noise[accelerator.process_index])
+        logger.info("resumed from %s at step %d", ckpt, loop.step)
     want_embeds = drafter.vision is not None
 
     def teach_one(conv) -> Example:
@@ -405,54 +558,19 @@ def train_drafter(target: str, data: str | Path, out: str | Path, cfg: TrainConf
     cache = TeacherCache(teach_one, int(cfg.teacher_cache_gb * 2**30), accelerator.device)
 
     def batch_examples(items, teacher=cache):
+        """One bad example (too long, an image the processor refuses) must not end a long run; _run_steps stops when
+        whole batches keep failing, so a bug that fails every example still surfaces."""
         exs = []
         for conv in items:
             try:
                 exs.append(teacher(conv))
-            except (ValueError, OSError) as e:  # one bad example must not end a long run
-                skipped["count"] += 1
+            except (UserError, ValueError, OSError) as e:
+                loop.skipped += 1
                 logger.warning("skipping %s", e)
         return exs
 
-    skipped = {"count": 0}
-    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="train-drafter")
     t0 = time.perf_counter()
-    epoch_batches = []
-    micro = 0
-    while step < total_steps:
-        if not epoch_batches:
-            perm = torch.randperm(len(train_set), generator=order_gen).tolist()
-            # a strided share per process (data-parallel), cut to the same length everywhere: every process must
-            # take the same number of steps, or the gradient all-reduce would wait forever
-            mine = perm[accelerator.process_index :: world][: len(train_set) // world]
-            epoch_batches = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
-        idx = epoch_batches.pop(0)
-        exs = batch_examples([train_set[i] for i in idx])
-        if not exs:
-            if world > 1:
-                raise ValueError(f"every example of a batch failed (lines {[train_set[i].line_no for i in idx]}); "
-                                 f"fix the data, a data-parallel run cannot skip a step on one process")
-            continue
-        with accelerator.accumulate(objective):
-            loss, metrics = objective(exs, generator)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(objective.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad()
-            if accelerator.sync_gradients:
-                scheduler.step()
-        micro += 1
-        if micro % cfg.grad_accum:
-            continue
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{float(metrics['acc_0']):.2f}")
-        if step % cfg.save_every == 0 and step < total_steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                _save_checkpoint(ckpt, drafter, optimizer, scheduler, step, generator)
-    bar.close()
+    _run_steps(t, loop, train_set, batch_examples, total_steps, ckpt)
     accelerator.wait_for_everyone()
     train_s = time.perf_counter() - t0
     held_out = {}
@@ -464,9 +582,9 @@ def train_drafter(target: str, data: str | Path, out: str | Path, cfg: TrainConf
             logger.info("held-out %s = %.4f", k, v)
     if cache.hits:
         logger.info("teacher cache: %d reuses, %.2f GB held", cache.hits, cache.used / 2**30)
-    metrics_out = {"steps": step, "train_s": train_s, "teacher_cache_reuses": cache.hits, "processes": world,
+    metrics_out = {"steps": loop.step, "train_s": train_s, "teacher_cache_reuses": cache.hits, "processes": world,
                    "train_conversations": len(train_set),
-                   "eval_conversations": len(eval_set), "skipped_lines": report.counts, "skipped_examples": skipped["count"],
+                   "eval_conversations": len(eval_set), "skipped_lines": report.counts, "skipped_examples": loop.skipped,
                    "held_out": held_out, "config": asdict(cfg), "target": str(target)}
     if accelerator.is_main_process:
         drafter.save_pretrained(out)

@@ -5,16 +5,18 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import mmspec
 from mmspec import Drafter
 from mmspec.drafter import DraftKV
+from mmspec.errors import InputError
 from mmspec.proposer import PromptContext, build_pairs, prompt_pairs
-from mmspec.train import DraftObjective, TrainConfig, _save_checkpoint, teach, train_drafter
+from mmspec.train import DraftObjective, TrainConfig, teach, train_drafter
 from mmspec.vision import plan_compression
 from tiny_models import sample_images
 
@@ -207,19 +209,69 @@ def test_trained_drafter_is_saved_and_lossless(trained, tiny_dir):
     assert pipe.generate(PROMPT, images, max_new_tokens=40).token_ids == ref
 
 
-def test_resume_from_checkpoint(trained, tiny_dir, tmp_path, caplog):
-    out, _, data = trained
-    resumed = tmp_path / "resumed"
-    d = Drafter.from_pretrained(out)
-    opt = torch.optim.AdamW(d.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    resumed.mkdir()
-    _save_checkpoint(resumed / "checkpoint", d, opt, sched, 4, torch.Generator().manual_seed(0))
+class Interrupted(Exception):
+    pass
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tiny_dir, tmp_path, monkeypatch, caplog):
+    """Interrupted right after its step-2 checkpoint and rerun: the same weights, bit for bit, as the run that was
+    never interrupted. With 3 batches an epoch and 2 a step, step 2 ends after the first batch of the second epoch, so
+    the resumed run must restore that epoch's order and its place in it, the noise generator, AdamW and the schedule."""
+    import mmspec.train as train_mod
+
+    data = write_data(tmp_path, n=12)  # 12 conversations, batches of 4: 3 batches an epoch
+    cfg = TrainConfig(max_steps=4, batch_size=4, grad_accum=2, lr=3e-3, warmup_steps=1, eval_fraction=0.0,
+                      ttt_steps=2, save_every=2)
+    target = str(tiny_dir("llava"))
+    train_drafter(target, data, tmp_path / "whole", cfg, device="cpu")
+
+    save = train_mod._save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
+        raise Interrupted
+
+    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_die)
+    with pytest.raises(Interrupted):
+        train_drafter(target, data, tmp_path / "resumed", cfg, device="cpu")
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["checkpoint"]
     with caplog.at_level("INFO", logger="mmspec.train"):
-        m = train_drafter(str(tiny_dir("llava")), data, resumed, TrainConfig(max_steps=5, batch_size=4, warmup_steps=1,
-                          eval_fraction=0.0, ttt_steps=2), device="cpu")
-    assert m["steps"] == 5 and "resumed" in caplog.text
-    assert (resumed / "model.safetensors").is_file() and not (resumed / "checkpoint").exists()
+        m = train_drafter(target, data, tmp_path / "resumed", cfg, device="cpu")
+    assert m["steps"] == 4 and "resumed from" in caplog.text and "at step 2" in caplog.text
+    assert not (tmp_path / "resumed" / "checkpoint").exists()
+    whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole), [k for k in whole if not torch.equal(whole[k], resumed[k])]
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tiny_dir, tmp_path, monkeypatch):
+    """Another batch size would make the saved place in the epoch mean something else; a checkpoint whose weights do
+    not fit is refused by the strict load; both name the checkpoint."""
+    import mmspec.train as train_mod
+
+    data = write_data(tmp_path, n=8)
+    cfg = TrainConfig(max_steps=3, batch_size=4, warmup_steps=1, eval_fraction=0.0, ttt_steps=1, save_every=1,
+                      vision_adaptor=False)
+    save = train_mod._save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
+        raise Interrupted
+
+    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_die)
+    with pytest.raises(Interrupted):
+        train_drafter(str(tiny_dir("llava")), data, tmp_path / "o", cfg, device="cpu")
+    monkeypatch.undo()
+    with pytest.raises(InputError, match=r"checkpoint.*different run: batch_size=4 \(now 2\)"):
+        train_drafter(str(tiny_dir("llava")), data, tmp_path / "o", replace(cfg, batch_size=2), device="cpu")
+    weights = tmp_path / "o" / "checkpoint" / "model.safetensors"
+    state = load_file(str(weights))
+    state["extra.weight"] = torch.zeros(1)
+    save_file(state, str(weights))
+    with pytest.raises(InputError, match=r"checkpoint.*do not fit.*extra\.weight"):
+        train_drafter(str(tiny_dir("llava")), data, tmp_path / "o", cfg, device="cpu")
 
 
 def test_teacher_cache_changes_nothing_but_time(tiny_dir, tmp_path):
