@@ -3,6 +3,8 @@ dedicated families come before the generic fallbacks."""
 
 from __future__ import annotations
 
+from mmspec.errors import InputError
+
 from .base import Adapter, TextAdapter
 from .generic import GenericVLMAdapter
 from .llava import LlavaAdapter
@@ -19,7 +21,7 @@ def adapter_for(config) -> Adapter:
     for cls in ADAPTERS:
         if cls.matches(config):
             return cls()
-    raise ValueError(f"no mmspec adapter for model type {config.model_type!r}; supported: {SUPPORTED}")
+    raise InputError(f"no mmspec adapter for model type {config.model_type!r}; supported: {SUPPORTED}")
 
 
 __all__ = ["ADAPTERS", "Adapter", "SUPPORTED", "adapter_for"]

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, BatchFeature
 
+from mmspec.errors import InputError
+
 
 def image_chat(messages: Sequence[dict], n_images: int) -> list[dict]:
     """The one chat layout for images: every content a part list, the images as `{"type": "image"}` parts opening the
@@ -52,7 +54,7 @@ class Adapter:
 
     def prepare(self, processor, prompt: str | list, images: Sequence) -> BatchFeature:
         if images and not self.multimodal:
-            raise ValueError(f"this target ({self.name}) is a text-only model and cannot take images")
+            raise InputError(f"this target ({self.name}) is a text-only model and cannot take images")
         text = processor.apply_chat_template(self.messages(prompt, len(images)), add_generation_prompt=True, tokenize=False)
         kwargs = {"images": list(images)} if images else {}
         return processor(text=text, return_tensors="pt", **kwargs)
@@ -96,7 +98,7 @@ class TextAdapter(Adapter):
 
     def prepare(self, processor, prompt: str | list, images: Sequence) -> BatchFeature:
         if images:
-            raise ValueError("this target is a text-only language model and cannot take images; pass images=None")
+            raise InputError("this target is a text-only language model and cannot take images; pass images=None")
         tok = processor
         if getattr(tok, "chat_template", None):
             text = tok.apply_chat_template(self.messages(prompt, 0), add_generation_prompt=True, tokenize=False)
@@ -105,5 +107,5 @@ class TextAdapter(Adapter):
 
     def chat(self, messages: Sequence[dict], n_images: int) -> list[dict]:
         if n_images:
-            raise ValueError("this target is a text-only language model and cannot take images; pass images=None")
+            raise InputError("this target is a text-only language model and cannot take images; pass images=None")
         return [dict(m) for m in messages]

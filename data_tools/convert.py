@@ -33,7 +33,9 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .jsonl import SkipReport, write_jsonl
+from mmspec.errors import InputError
+
+from .jsonl import SkipReport, input_file_error, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ ROLE_MAP = {
 _PLACEHOLDER = re.compile(r"[ \t]*\n?<image>\n?[ \t]*")
 
 
-class EntryError(ValueError):
+class EntryError(InputError):
     """A malformed entry; `reason` is the short form counted when skipping."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
@@ -122,17 +124,22 @@ def _rel(path: Path, out_dir: Path) -> str:
 
 def load_entries(path: Path) -> list:
     """A JSON list, or JSONL (one entry per line)."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise input_file_error(path, e, "input") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg != "Extra data":
-            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+            raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
         return list(_jsonl_entries(path, text))
     if isinstance(data, dict):  # a single JSONL line, or a file of one object
         return [data]
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
+        raise InputError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
     return data
 
 
@@ -142,7 +149,7 @@ def _jsonl_entries(path: Path, text: str) -> Iterator[Any]:
             try:
                 yield json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise InputError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
 
 
 def convert(
@@ -152,7 +159,7 @@ def convert(
     """Convert `src` (format `fmt`) to JSONL at `out`, written atomically. -> (entries written, skipped entries).
     The SkipReport counts 0-based entry indices."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise InputError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     src, out = Path(src), Path(out)
     root = Path(image_root) if image_root is not None else src.resolve().parent
     out_dir = out.resolve().parent
@@ -163,7 +170,7 @@ def convert(
             records.append(convert_entry(entry, fmt, root, out_dir))
         except EntryError as e:
             if strict:
-                raise ValueError(f"{src}: entry {index}: {e}") from None
+                raise InputError(f"{src}: entry {index}: {e}") from None
             report.add(e.reason, index)
     report.kept = len(records)
     if report.total:

@@ -9,7 +9,8 @@
   Every ``content`` is a string. Extra keys, on the line and on a message, are kept and written back unchanged.
 
 Structural problems (bad JSON, a missing key, a wrong type, an unknown role, a conversation that does not open with a
-user turn) are errors in the data set: ``ValueError`` naming the file and the line, ``data.jsonl:17: ...``. Problems of
+user turn) are errors in the data set: ``InputError`` (a ``ValueError``) naming the file and the line,
+``data.jsonl:17: ...``; a file that cannot be opened is one too, naming the file. Problems of
 a single example that a long job should survive (an image file that is missing, an empty or absent answer) skip that
 line; the skips are counted per reason in a ``SkipReport`` and logged once as a warning.
 """
@@ -23,6 +24,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from mmspec.errors import InputError, MissingInputError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +102,27 @@ class SkipReport:
         return f"{self.path}: kept {self.kept} conversations, skipped {self.total}: " + "; ".join(parts)
 
 
+def input_file_error(path: str | os.PathLike, error: OSError, what: str = "file") -> UserError:
+    """The UserError for a user's file that cannot be opened (missing, a directory, no permission), naming it."""
+    if isinstance(error, FileNotFoundError):
+        return MissingInputError(f"{what} {str(path)!r} does not exist")
+    return InputError(f"cannot read {what} {str(path)!r}: {error.strerror or error}")
+
+
 def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
-    """(1-based line number, text) for every non-blank line. Opening errors propagate (FileNotFoundError, ...)."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if line.strip():
-                yield line_no, line
+    """(1-based line number, text) for every non-blank line; a file that cannot be read is a UserError naming it."""
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise input_file_error(path, e, "data file") from None
+    line_no = 0
+    with f:
+        try:
+            for line_no, line in enumerate(f, start=1):
+                if line.strip():
+                    yield line_no, line
+        except UnicodeDecodeError as e:  # decoded in blocks, so the line is where the bad bytes were read
+            raise InputError(f"{path}:{line_no + 1}: not UTF-8 text ({e.reason})") from None
 
 
 def parse_conversation(
@@ -112,10 +130,10 @@ def parse_conversation(
 ) -> Conversation | str:
     """One decoded line -> a Conversation, or the skip reason (a str).
 
-    Structural errors raise ValueError prefixed by `where`."""
+    Structural errors raise InputError prefixed by `where`."""
 
-    def bad(msg: str) -> ValueError:
-        return ValueError(f"{where}{msg}")
+    def bad(msg: str) -> InputError:
+        return InputError(f"{where}{msg}")
 
     if not isinstance(obj, dict):
         raise bad(f"expected a JSON object with 'messages' (and optional 'images'), got {type(obj).__name__}")
@@ -161,7 +179,7 @@ def parse_conversation(
 def read_conversations(
     path: str | os.PathLike, check_images: bool = True, require_answers: bool = True
 ) -> tuple[list[Conversation], SkipReport]:
-    """Read a whole JSONL file. Structural errors raise ValueError naming `file:line`; a line whose image file is
+    """Read a whole JSONL file. Structural errors raise InputError naming `file:line`; a line whose image file is
     missing (when check_images) or, when require_answers, that has no assistant turn or an empty one, is skipped and
     counted. `require_answers=False` is for question-only files whose answers a target will write (regenerate)."""
     path = Path(path)
@@ -173,7 +191,7 @@ def read_conversations(
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}not valid JSON ({e.msg} at column {e.colno})") from None
+            raise InputError(f"{where}not valid JSON ({e.msg} at column {e.colno})") from None
         conv = parse_conversation(obj, line_no, base_dir, where, check_images, require_answers)
         if isinstance(conv, str):
             report.add(conv, line_no)
@@ -189,8 +207,11 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
     """Write records, one JSON object per line, atomically: a temporary file next to `path` renamed over it, so a
     crash leaves either the old file or the complete new one. Returns the number of lines written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # a file where a folder should be, no permission
+        raise InputError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
     n = 0
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -213,5 +234,5 @@ def dumps(record: dict) -> str:
 
 __all__ = [
     "Conversation", "SkipReport", "ROLES", "MISSING_IMAGE", "EMPTY_ASSISTANT", "NO_ASSISTANT",
-    "iter_lines", "parse_conversation", "read_conversations", "write_jsonl", "dumps",
+    "input_file_error", "iter_lines", "parse_conversation", "read_conversations", "write_jsonl", "dumps",
 ]

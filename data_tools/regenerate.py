@@ -37,10 +37,11 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer, BatchFeature
 
 from mmspec.adapters import Adapter, adapter_for
+from mmspec.errors import InputError, UserError
 from mmspec.images import cast_pixels, load_images
 from mmspec.registry import resolve_dir
 
-from .jsonl import Conversation, dumps, read_conversations
+from .jsonl import Conversation, dumps, input_file_error, read_conversations
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,11 @@ class TargetGenerator:
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         path = resolve_dir(target, "target")  # built-in names, local directories, HF ids already cached
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        try:
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, KeyError) as e:  # no or a broken config.json, or a model type transformers lacks
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"cannot read the config of target {str(target)!r}: {first}") from None
         self.adapter: Adapter = adapter_for(config)
         self.model = self.adapter.auto_class.from_pretrained(
             path, dtype=dtype, attn_implementation="sdpa", local_files_only=True
@@ -74,7 +79,7 @@ class TargetGenerator:
         self.processor = loader.from_pretrained(path, local_files_only=True)
         tok = self.tokenizer
         if not getattr(tok, "chat_template", None) and not getattr(self.processor, "chat_template", None):
-            raise ValueError(f"target {str(target)!r} has no chat template, so conversations cannot be put to it")
+            raise InputError(f"target {str(target)!r} has no chat template, so conversations cannot be put to it")
         tok.padding_side = "left"  # generation continues every row right after its own prompt
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
@@ -95,7 +100,7 @@ class TargetGenerator:
         """A left-padded batch. One row is exactly what `adapter.prepare` builds for the same messages."""
         if not self.adapter.multimodal:
             if any(images):
-                raise ValueError("this target is a text-only language model and cannot take images")
+                raise InputError("this target is a text-only language model and cannot take images")
             texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
             batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         else:
@@ -136,8 +141,8 @@ def _regenerate_batch(
     for c in convs:
         try:
             images.append(load_images([str(p) for p in c.images]))
-        except (ValueError, FileNotFoundError) as e:
-            raise ValueError(f"{data}:{c.line_no}: {e}") from None
+        except UserError as e:
+            raise InputError(f"{data}:{c.line_no}: {e}") from None
     states = [[dict(m) for m in c.messages] for c in convs]
     slots = [_answer_slots(s) for s in states]
     for k in range(max((len(s) for s in slots), default=0)):
@@ -157,7 +162,10 @@ def _resume_point(out: Path, convs: Sequence[Conversation], truncate: bool) -> i
     """How many conversations OUT already holds. Cuts a partial last line (a crash mid-write) when `truncate`."""
     if not out.exists():
         return 0
-    data = out.read_bytes()
+    try:
+        data = out.read_bytes()
+    except OSError as e:
+        raise input_file_error(out, e, "--out") from None
     lines = data.split(b"\n")
     partial = lines.pop()  # b"" when the file ends with a newline
     done = 0
@@ -169,20 +177,31 @@ def _resume_point(out: Path, convs: Sequence[Conversation], truncate: bool) -> i
             users = tuple(m["content"] for m in rec["messages"] if m["role"] == "user")
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             msg = f"{out}:{line_no}: cannot resume, not a line regenerate writes ({e}); use a new --out"
-            raise ValueError(msg) from None
+            raise InputError(msg) from None
         if done >= len(convs):
-            raise ValueError(f"{out} holds more conversations than the input has; use a new --out")
+            raise InputError(f"{out} holds more conversations than the input has; use a new --out")
         if users != convs[done].user_texts:
-            raise ValueError(
+            raise InputError(
                 f"{out}:{line_no}: its user text differs from input line {convs[done].line_no}: OUT was not made "
                 f"from this input; use a new --out"
             )
         done += 1
     if partial and truncate:
         logger.warning("%s: dropping a partial last line left by an interrupted run", out)
-        with open(out, "r+b") as f:
-            f.truncate(len(data) - len(partial))
+        try:
+            with open(out, "r+b") as f:
+                f.truncate(len(data) - len(partial))
+        except OSError as e:
+            raise InputError(f"cannot write --out {str(out)!r}: {e.strerror or e}") from None
     return done
+
+
+def _open_out(out: Path):
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return open(out, "a", encoding="utf-8")
+    except OSError as e:  # a directory, no permission
+        raise InputError(f"cannot write --out {str(out)!r}: {e.strerror or e}") from None
 
 
 def regenerate(
@@ -201,25 +220,24 @@ def regenerate(
     from accelerate.utils import broadcast_object_list, gather_object
 
     if int(max_new_tokens) < 1 or int(batch_size) < 1:
-        raise ValueError(f"max_new_tokens and batch_size must be positive, got {max_new_tokens} and {batch_size}")
+        raise InputError(f"max_new_tokens and batch_size must be positive, got {max_new_tokens} and {batch_size}")
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+            raise InputError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
         dtype = getattr(torch, dtype)
     if device is not None:
         try:
             device = torch.device(device)
         except RuntimeError:
-            raise ValueError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N") from None
+            raise InputError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N") from None
     data, out = Path(data), Path(out)
     if out.exists() and data.exists() and out.resolve() == data.resolve():
-        raise ValueError("--out must differ from --data (the input is never overwritten)")
+        raise InputError("--out must differ from --data (the input is never overwritten)")
     # without CUDA, accelerate sets up gloo data parallelism (torchrun, accelerate launch --cpu) only when cpu=True
     cpu = not torch.cuda.is_available() or (device is not None and device.type == "cpu")
     state = PartialState(cpu=cpu)
     convs, _ = read_conversations(data, check_images=True, require_answers=False)
     if state.is_main_process:
-        out.parent.mkdir(parents=True, exist_ok=True)
         done = [_resume_point(out, convs, truncate=True)]
     else:
         done = [0]
@@ -230,13 +248,13 @@ def regenerate(
     gen = TargetGenerator(target, device if device is not None else state.device, dtype)
     with_images = next((c for c in todo if c.images), None)
     if with_images is not None and not gen.adapter.multimodal:
-        raise ValueError(f"{data}:{with_images.line_no}: has images, but target {str(target)!r} is a text-only model")
+        raise InputError(f"{data}:{with_images.line_no}: has images, but target {str(target)!r} is a text-only model")
     out_dir = out.resolve().parent
 
     per_round = batch_size * state.num_processes
     written = 0
     bar = tqdm(total=len(todo), desc="regenerate", unit="conv", disable=not state.is_main_process)
-    writer = open(out, "a", encoding="utf-8") if state.is_main_process else None
+    writer = _open_out(out) if state.is_main_process else None
     try:
         for start in range(0, len(todo), per_round):
             # strided share: process p takes items p, p+P, ... of this round; the union is the round, contiguous

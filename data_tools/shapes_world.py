@@ -27,6 +27,8 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from mmspec.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 SIZE_PX = 64
@@ -64,9 +66,9 @@ class Obj:
 
     def __post_init__(self):
         if self.shape not in SHAPES or self.colour not in COLOURS or self.size not in SIZES:
-            raise ValueError(f"unknown shape/colour/size in {self}")
+            raise InputError(f"unknown shape/colour/size in {self}")
         if not 0 <= self.cell < 9 or max(abs(self.dx), abs(self.dy)) > 1:
-            raise ValueError(f"cell must be 0..8 and jitter -1..1 in {self}")
+            raise InputError(f"cell must be 0..8 and jitter -1..1 in {self}")
 
     @property
     def position(self) -> str:
@@ -83,9 +85,9 @@ class Scene:
     def __post_init__(self):
         cells = [o.cell for o in self.objects]
         if not self.objects or len(set(cells)) != len(cells):
-            raise ValueError("a scene needs at least one object and at most one object per cell")
+            raise InputError("a scene needs at least one object and at most one object per cell")
         if self.background not in BACKGROUNDS or self.style not in BACKGROUND_STYLES:
-            raise ValueError(f"unknown background {self.background!r} or style {self.style!r}")
+            raise InputError(f"unknown background {self.background!r} or style {self.style!r}")
         object.__setattr__(self, "objects", tuple(sorted(self.objects, key=lambda o: o.cell)))
 
     def to_dict(self) -> dict:
@@ -371,10 +373,10 @@ def make_example(scenes: Scene | Sequence[Scene], task: str, generator: torch.Ge
     ``images`` is ``image_paths`` (empty when not given; ``make_dataset`` fills it).
     """
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+        raise InputError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     scenes = (scenes,) if isinstance(scenes, Scene) else tuple(scenes)
     if len(scenes) != (2 if task == "compare" else 1):
-        raise ValueError(f"task {task!r} takes {'two scenes' if task == 'compare' else 'one scene'}")
+        raise InputError(f"task {task!r} takes {'two scenes' if task == 'compare' else 'one scene'}")
     if task == "describe":
         q, a = _describe(scenes[0], generator)
         key = ""
@@ -443,7 +445,7 @@ def make_dataset(n: int, out_dir: str | Path, seed: int, tasks: Sequence[str] | 
     tasks = tuple(tasks) if tasks else TASKS
     bad = [t for t in tasks if t not in TASKS]
     if n <= 0 or bad:
-        raise ValueError(f"need n > 0 and tasks from {', '.join(TASKS)}; got n={n}, unknown tasks {bad}")
+        raise InputError(f"need n > 0 and tasks from {', '.join(TASKS)}; got n={n}, unknown tasks {bad}")
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)

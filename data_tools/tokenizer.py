@@ -24,6 +24,8 @@ from typing import Iterable, Iterator, Sequence
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from mmspec.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 BOS, EOS, PAD, UNK, IMAGE = "<s>", "</s>", "<pad>", "<unk>", "<image>"
@@ -69,7 +71,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path | None = None, voc
     The vocabulary stops short of ``vocab_size`` when the corpus has no more pairs seen ``min_frequency`` times.
     """
     if vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + special tokens), got {vocab_size}")
+        raise InputError(f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + special tokens), got {vocab_size}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -111,7 +113,7 @@ def conversation_texts(jsonl_path: str | Path) -> Iterator[str]:
                         content, n_images = content + "\n" * n_images, 0
                     turns.append(f"{m['role'].upper()}: {content}")
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                raise ValueError(f"{jsonl_path}:{line_no}: not a conversation with 'messages' ({e})") from e
+                raise InputError(f"{jsonl_path}:{line_no}: not a conversation with 'messages' ({e})") from e
             yield " ".join(turns)
 
 

@@ -45,6 +45,7 @@ from transformers import (
 )
 
 from mmspec.adapters.base import image_chat
+from mmspec.errors import InputError
 
 from .shapes_world import COLOURS, SHAPES, SIZE_PX, TASKS, check_answer, make_dataset
 from .shapes_world import SIZES as SIZES_WORDS
@@ -101,7 +102,7 @@ TRAIN_TASKS = tuple(t for t, w in TRAIN_TASK_WEIGHTS.items() for _ in range(w))
 def build_target(tokenizer_dir: str | Path, out_dir: str | Path, size: str = "mini", seed: int = 0) -> Path:
     """Create an untrained mini-vlm (model + processor) with the tokenizer in ``tokenizer_dir``; save to ``out_dir``."""
     if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
+        raise InputError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
     s = SIZES[size]
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE)
@@ -381,7 +382,7 @@ def vision_warmup(model, processor, records: list[dict], probe: VisionProbe, *, 
     """
     singles = [i for i, r in enumerate(records) if len(r["images"]) == 1 and isinstance(r.get("scene"), dict)]
     if not singles:
-        raise ValueError("the vision warm-up needs single-image records with a 'scene' (shapes-world data)")
+        raise InputError("the vision warm-up needs single-image records with a 'scene' (shapes-world data)")
     params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
               *probe.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -432,7 +433,7 @@ def train_target(model_dir: str | Path, data_jsonl: str | Path, out_dir: str | P
     Returns metrics (losses, time, and ``eval`` when ``eval_data``).
     """
     if steps <= 0 or batch_size <= 0 or lr <= 0 or vision_warmup_steps < 0:
-        raise ValueError(f"steps, batch_size and lr must be positive and vision_warmup_steps >= 0; got {steps}, "
+        raise InputError(f"steps, batch_size and lr must be positive and vision_warmup_steps >= 0; got {steps}, "
                          f"{batch_size}, {lr}, {vision_warmup_steps}")
     torch.set_num_threads(NUM_THREADS)
     # Optimizer states of rarely-updated weights decay into subnormal floats, which x86 CPUs compute on in
@@ -446,7 +447,7 @@ def train_target(model_dir: str | Path, data_jsonl: str | Path, out_dir: str | P
     processor = AutoProcessor.from_pretrained(str(model_dir))
     records = load_records(data_jsonl)
     if not records:
-        raise ValueError(f"{data_jsonl} holds no conversations")
+        raise InputError(f"{data_jsonl} holds no conversations")
     monitor = [r for r in load_records(monitor_data) if r["task"] in ("count", "colour")][:monitor_n] \
         if monitor_data is not None and monitor_every > 0 else []
     encoded = [encode_example(processor, r) for r in tqdm(records, desc="tokenize", unit="ex", disable=None)]

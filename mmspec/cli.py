@@ -1,5 +1,6 @@
-"""`mmspec` command line. Every subcommand is a thin layer over the library; a bad argument or unreadable input exits
-with status 2 and one line on stderr, never a traceback."""
+"""`mmspec` command line. Every subcommand is a thin layer over the library; a bad argument or unreadable input (argparse,
+or a mmspec.errors.UserError from the library) exits with status 2 and one line on stderr, never a traceback. Any other
+exception is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ import logging
 import sys
 from pathlib import Path
 
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError, NotImplementedError, OSError)
+from .errors import InputError, UserError
+
+# Only bad input becomes the one-line, exit-2 error; anything else is a bug and keeps its traceback.
+USER_ERRORS = (UserError,)
+COMPARE_ROUNDS = 3  # --compare: timed runs of each method, alternating; the best of each is reported
 
 
 class Parser(argparse.ArgumentParser):
@@ -124,7 +129,7 @@ def cmd_caption(args) -> int:
     images = [str(p) for p in args.images]
     if not images:
         if args.target not in BUILTIN_TARGETS:
-            raise ValueError("give one or more IMAGE files (the bundled sample scene is for built-in targets only)")
+            raise InputError("give one or more IMAGE files (the bundled sample scene is for built-in targets only)")
         images = [str(sample_image_path())]
     images = load_images(images)  # read and check every image before spending time on loading models
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -132,14 +137,17 @@ def cmd_caption(args) -> int:
                 draft_dtype=args.draft_dtype)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
               seed=args.seed)
-    pipe.generate(args.prompt, images, **{**kw, "max_new_tokens": 4})  # warm-up: first-call allocations off the clock
-    res = pipe.generate(args.prompt, images, **kw)
+    modes = (True, False) if args.compare else (True,)
+    for speculative in modes:  # warm-up: first-call allocations and lazy inits off the clock, for both methods alike
+        pipe.generate(args.prompt, images, **{**kw, "max_new_tokens": 4}, speculative=speculative)
+    runs = _timed_runs(pipe, args.prompt, images, kw, modes, COMPARE_ROUNDS if args.compare else 1)
+    res = runs[True][0]
     print(res.text)
-    s = res.stats
+    s = max((r.stats for r in runs[True]), key=lambda st: st.tokens_per_s)
     print(f"[speculative] {s.new_tokens} tokens, {s.tokens_per_s:.1f} tok/s, tau {s.mean_accepted:.2f}", file=sys.stderr)
     if args.compare:
-        ar = pipe.generate(args.prompt, images, **kw, speculative=False)
-        same = ar.token_ids == res.token_ids
+        ar = max(runs[False], key=lambda r: r.stats.tokens_per_s)
+        same = all(r.token_ids == ar.token_ids for r in runs[True] + runs[False])
         speedup = s.tokens_per_s / ar.stats.tokens_per_s if ar.stats.tokens_per_s else float("nan")
         print(
             f"speculative {s.tokens_per_s:8.1f} tok/s   autoregressive {ar.stats.tokens_per_s:8.1f} tok/s   "
@@ -149,17 +157,42 @@ def cmd_caption(args) -> int:
     return 0
 
 
+def _timed_runs(pipe, prompt, images, kw: dict, modes: tuple, rounds: int) -> dict:
+    """{speculative: [result of each round]}. The methods alternate, and which goes first alternates too, so a machine
+    that speeds up or slows down during the runs (caches, clocks, neighbours) treats both alike."""
+    runs = {m: [] for m in modes}
+    for r in range(rounds):
+        for speculative in modes if r % 2 == 0 else modes[::-1]:
+            runs[speculative].append(pipe.generate(prompt, images, **kw, speculative=speculative))
+    return runs
+
+
 def cmd_bench(args) -> int:
     from .bench import run_bench
 
     methods = args.methods.split(",") if args.methods else None
+    if args.json:
+        _write_json(args.json, None)  # a --json that cannot be written fails now, not after the whole bench
     report = run_bench(args.target, n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        device=args.device, dtype=args.dtype, tree_preset=args.tree, methods=methods,
                        draft_dtype=args.draft_dtype, seed=args.seed)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        _write_json(args.json, report)
     return 0
+
+
+def _write_json(path: Path, obj) -> None:
+    """Write obj as JSON (None: only check that path can be written, leaving no file behind)."""
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a" if obj is None else "w", encoding="utf-8") as f:
+            if obj is not None:
+                f.write(json.dumps(obj, indent=2) + "\n")
+    except OSError as e:
+        raise InputError(f"cannot write --json {str(path)!r}: {e.strerror or e}") from None
+    if obj is None and not existed:
+        path.unlink()
 
 
 def cmd_train(args) -> int:

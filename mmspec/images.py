@@ -7,30 +7,34 @@ from typing import Any, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
+from .errors import InputError, InputTypeError, MissingInputError
+
 
 def load_image(image: Any) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB") if image.mode != "RGB" else image
     if isinstance(image, (str, Path)):
         path = Path(image)
+        if path.is_dir():
+            raise InputError(f"image {str(path)!r} is a directory, not an image file")
         if not path.is_file():
-            raise FileNotFoundError(f"image file {str(path)!r} does not exist")
+            raise MissingInputError(f"image file {str(path)!r} does not exist")
         try:
             with Image.open(path) as im:
                 im.load()  # decode now: a truncated file fails here, not deep inside the processor
                 return im.convert("RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise ValueError(f"cannot read image {str(path)!r}: {e} (expected a complete PNG, JPEG or other PIL-readable file)") from None
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:  # unreadable, truncated, no permission
+            raise InputError(f"cannot read image {str(path)!r}: {e} (expected a complete PNG, JPEG or other PIL-readable file)") from None
     if hasattr(image, "__array_interface__") or type(image).__module__.startswith("torch"):
         import numpy as np
 
         arr = np.asarray(image)
         if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-            raise ValueError(
+            raise InputError(
                 f"image arrays must be HxWxC uint8 with C in 1, 3, 4; got shape {arr.shape} dtype {arr.dtype}"
             )
         return Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).convert("RGB")
-    raise TypeError(f"unsupported image type {type(image).__name__}: pass a PIL image, a path, or an HxWxC uint8 array")
+    raise InputTypeError(f"unsupported image type {type(image).__name__}: pass a PIL image, a path, or an HxWxC uint8 array")
 
 
 def load_images(images: Any) -> list[Image.Image]:
@@ -39,7 +43,7 @@ def load_images(images: Any) -> list[Image.Image]:
     if isinstance(images, (str, Path, Image.Image)) or hasattr(images, "__array_interface__"):
         images = [images]
     if not isinstance(images, Sequence):
-        raise TypeError(f"images must be an image or a list of images, got {type(images).__name__}")
+        raise InputTypeError(f"images must be an image or a list of images, got {type(images).__name__}")
     return [load_image(im) for im in images]
 
 

@@ -15,12 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import InputError
+
 
 class VisionAdaptor(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_queries: int, eps: float = 1e-6) -> None:
         super().__init__()
         if num_queries < 2:
-            raise ValueError(f"num_queries must be >= 2 (slots plus one global vector), got {num_queries}")
+            raise InputError(f"num_queries must be >= 2 (slots plus one global vector), got {num_queries}")
         self.num_heads = num_heads
         self.queries = nn.Parameter(torch.randn(num_queries, hidden_size) * 0.02)
         self.norm = nn.RMSNorm(hidden_size, eps=eps)

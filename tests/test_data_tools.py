@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from mmspec.adapters import adapter_for
+from mmspec.errors import InputError, MissingInputError
 from mmspec.data_tools.convert import convert, strip_placeholders
 from mmspec.data_tools.jsonl import (
     EMPTY_ASSISTANT, MISSING_IMAGE, NO_ASSISTANT, read_conversations, write_jsonl,
@@ -221,6 +222,29 @@ def test_regenerate_cli_bad_input_exits_2(tmp_path):
     assert res.returncode == 2
     assert "missing.jsonl" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert "Traceback" not in res.stderr
+
+
+def test_unreadable_files_are_user_errors_naming_them(tmp_path, tiny_dir):
+    """A directory, a missing file or non-UTF-8 bytes where a data file should be: a UserError naming the file (the
+    CLIs' one-line exit 2), never a raw OSError or UnicodeDecodeError."""
+    with pytest.raises(InputError, match=f"cannot read data file '{tmp_path}'"):
+        read_conversations(tmp_path)
+    with pytest.raises(MissingInputError, match="missing.jsonl' does not exist"):
+        read_conversations(tmp_path / "missing.jsonl")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(json.dumps({"messages": _turns("caf\u00e9", "x")}, ensure_ascii=False).encode("latin-1") + b"\n")
+    with pytest.raises(InputError, match=r"latin.jsonl:1: not UTF-8"):
+        read_conversations(latin)
+    with pytest.raises(InputError, match="cannot read input"):
+        convert(tmp_path, "llava", tmp_path / "o.jsonl")
+    data = _write(tmp_path / "q.jsonl", [{"messages": _turns("hi")}])
+    (tmp_path / "out_dir").mkdir()
+    with pytest.raises(InputError, match="cannot read --out .*out_dir"):
+        regenerate(tiny_dir("llava"), data, tmp_path / "out_dir", max_new_tokens=N_NEW)
+    res = subprocess.run([sys.executable, "-m", "mmspec.data_tools.convert", "--from", "llava", str(tmp_path), "--out",
+                          str(tmp_path / "o.jsonl")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    assert str(tmp_path) in res.stderr
 
 
 # ---- converters --------------------------------------------------------------------------------------------------

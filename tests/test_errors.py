@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 import mmspec
 from mmspec import Drafter
+from mmspec.errors import InputError
 from mmspec.images import load_images
 from tiny_models import sample_images
 
@@ -96,7 +97,12 @@ def test_drafter_round_trip(pipe, tmp_path):
     for (k, a), (_, b) in zip(pipe.drafter.state_dict().items(), back.state_dict().items()):
         assert torch.equal(a, b), k
     assert back.config == pipe.drafter.config
-    save_file({"bogus": torch.zeros(1)}, str(tmp_path / "d" / "model.safetensors"))
+    weights = tmp_path / "d" / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])  # an interrupted copy
+    with pytest.raises(InputError, match=r"'.*/d/model\.safetensors' is not a complete safetensors file.*truncated"):
+        Drafter.from_pretrained(tmp_path / "d")
+    save_file({"bogus": torch.zeros(1)}, str(weights))
     with pytest.raises(ValueError, match="do not fit"):
         Drafter.from_pretrained(tmp_path / "d")
 
@@ -131,11 +137,13 @@ def cli(*args):
         (["caption", "x.png", "--temperature", "-1"], "number"),
         (["caption", "/no/such/image.png", "--target", "__T__", "--drafter", "untrained"], "does not exist"),
         (["caption", "--target", "no/such-model"], "IMAGE"),
+        (["caption", "__TMP__", "--target", "__T__", "--drafter", "untrained"], "is a directory"),
+        (["train-drafter", "--target", "__T__", "--data", "__TMP__", "--out", "__TMP__/o"], "cannot read data file"),
         (["frobnicate"], "invalid choice"),
     ],
 )
-def test_cli_errors_exit_2_with_one_line(args, match, tiny_dir):
-    args = [str(tiny_dir("llava")) if a == "__T__" else a for a in args]
+def test_cli_errors_exit_2_with_one_line(args, match, tiny_dir, tmp_path):
+    args = [a.replace("__T__", str(tiny_dir("llava"))).replace("__TMP__", str(tmp_path)) for a in args]
     r = cli(*args)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
@@ -150,3 +158,58 @@ def test_cli_caption_compare_on_a_tiny_target(tiny_dir, tmp_path):
             "--compare")
     assert r.returncode == 0, r.stderr
     assert "outputs match: yes" in r.stdout
+
+
+def test_cli_keeps_the_traceback_of_an_internal_error(tmp_path):
+    """Only UserError becomes the one-line exit 2: a TypeError from a bug inside a command keeps its traceback."""
+    code = ("import sys, mmspec.export\n"
+            "def broken(*a, **k):\n"
+            "    raise TypeError('an internal bug')\n"
+            "mmspec.export.export_eagle3 = broken\n"
+            "from mmspec.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    r = subprocess.run([sys.executable, "-c", code, "export-drafter", str(tmp_path), "--format", "eagle3", "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert r.returncode not in (0, 2), r.stderr
+    assert "Traceback" in r.stderr and "TypeError: an internal bug" in r.stderr, r.stderr
+    assert "mmspec export-drafter: error" not in r.stderr
+
+
+def test_cli_export_of_a_truncated_drafter_names_the_file(pipe, tmp_path):
+    pipe.drafter.save_pretrained(tmp_path / "d")
+    weights = tmp_path / "d" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    r = cli("export-drafter", str(tmp_path / "d"), "--format", "eagle3", "--out", str(tmp_path / "o"))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert str(weights) in lines[0] and "truncated" in lines[0]
+
+
+def test_caption_compare_warms_up_both_methods_and_alternates(tmp_path, monkeypatch, capsys):
+    """--compare times neither method cold: both get a short warm-up run first, then the timed runs alternate (and so
+    does which goes first), and each method's best run is reported."""
+    from types import SimpleNamespace
+
+    import mmspec.cli
+
+    calls = []
+
+    class FakePipe:
+        def generate(self, prompt, images, *, max_new_tokens, speculative=True, **kw):
+            calls.append((speculative, max_new_tokens))
+            n = len([c for c in calls if c[0] == speculative])
+            speed = (300.0 if speculative else 100.0) + n  # later runs a little faster, like a warming machine
+            stats = SimpleNamespace(new_tokens=max_new_tokens, tokens_per_s=speed, mean_accepted=3.0 if speculative else 1.0)
+            return SimpleNamespace(text="a red circle", token_ids=[1, 2, 3], stats=stats)
+
+    monkeypatch.setattr(mmspec, "load", lambda *a, **k: FakePipe())
+    img = tmp_path / "a.png"
+    Image.fromarray(np.full((8, 8, 3), 9, dtype=np.uint8)).save(img)
+    assert mmspec.cli.main(["caption", str(img), "--max-new-tokens", "20", "--compare", "--device", "cpu"]) == 0
+    warm, timed = calls[:2], calls[2:]
+    assert sorted(warm) == [(False, 4), (True, 4)]  # one short warm-up of each method before any timed run
+    rounds = mmspec.cli.COMPARE_ROUNDS
+    assert len(timed) == 2 * rounds and all(n == 20 for _, n in timed)
+    assert [s for s, _ in timed] == [True, False, False, True, True, False][: 2 * rounds]  # alternating, order too
+    out = capsys.readouterr().out
+    assert "outputs match: yes" in out and f"speedup {(300 + rounds + 1) / (100 + rounds + 1):.2f}x" in out
