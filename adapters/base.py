@@ -75,14 +75,30 @@ class Adapter:
         return int(pv.shape[0]) if pv is not None and pv.dim() == 4 else 0
 
     # ---- positions ------------------------------------------------------------------------------------------------
+    def row_positions(self, model: nn.Module, inputs: dict) -> tuple[Tensor, Tensor]:
+        """[B, n] 1-D target positions of every row's prompt tokens and [B] each row's position of its first new token.
+        Rows may be left-padded (attention_mask 0): a row's first real token sits at 0, as generate numbers it."""
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            n = ids.shape[1]
+            return torch.arange(n, device=ids.device).expand(ids.shape[0], n), torch.full((ids.shape[0],), n)
+        real = mask.long()
+        return (real.cumsum(-1) - 1).clamp(min=0), real.sum(-1).cpu()
+
+    def prefill_position_ids(self, inputs: dict, positions: Tensor) -> Tensor | None:
+        """What the prefill passes as position_ids for left-padded rows ([B, n] from row_positions); None leaves them
+        to the model (M-RoPE families derive them from the attention mask and image grids themselves)."""
+        return self.position_ids(positions)
+
     def prompt_positions(self, model: nn.Module, inputs: dict) -> tuple[Tensor, int]:
-        """1-D target positions of the prompt tokens [n], and the position of the first new token."""
-        n = inputs["input_ids"].shape[1]
-        return torch.arange(n, device=inputs["input_ids"].device), n
+        """Row 0's 1-D target positions [n] and the position of its first new token."""
+        pos, nxt = self.row_positions(model, inputs)
+        return pos[0], int(nxt[0])
 
     def position_ids(self, positions: Tensor) -> Tensor:
-        """[T] positions of tree tokens -> what the target's forward takes as position_ids."""
-        return positions[None]
+        """[B, T] positions of tree tokens -> what the target's forward takes as position_ids."""
+        return positions
 
 
 class TextAdapter(Adapter):

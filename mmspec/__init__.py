@@ -4,9 +4,11 @@
     res = pipe.generate("Describe the image.", images=["scene.png"])
 """
 
+from .acceptance import Exact
 from .config import SamplingConfig, TreeConfig
 from .drafter import Drafter, DrafterConfig
 from .engine import Stats, StepEvent
+from .errors import UserError
 from .pipeline import GenerationResult, Pipeline, StreamEvent, load
 from .tree import DraftTree
 from .verify import Acceptance, accept_greedy, accept_sampling
@@ -18,6 +20,7 @@ __all__ = [
     "DraftTree",
     "Drafter",
     "DrafterConfig",
+    "Exact",
     "GenerationResult",
     "Pipeline",
     "SamplingConfig",
@@ -25,6 +28,7 @@ __all__ = [
     "StepEvent",
     "StreamEvent",
     "TreeConfig",
+    "UserError",
     "accept_greedy",
     "accept_sampling",
     "load",

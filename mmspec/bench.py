@@ -16,11 +16,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .config import TreeConfig
+from .errors import InputError
 from .registry import BUILTIN_TARGETS
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("autoregressive", "hf_assisted", "eagle", "vispec")
+METHODS = ("autoregressive", "hf_generate", "hf_assisted", "eagle", "vispec")
 DRAFTERS = {"mini-vlm": {"eagle": "mini-vlm-eagle", "vispec": "mini-vlm-vispec"}}
 ASSISTANTS = {"mini-vlm": "mini-vlm-assistant"}
 HELD_OUT_SEED = 20_261_122  # never used for training data (build_minis uses small seeds)
@@ -94,12 +95,12 @@ def run_bench(target: str = "mini-vlm", *, n: int = 8, max_new_tokens: int = 128
     from .pipeline import load_target
 
     if target not in BUILTIN_TARGETS:
-        raise ValueError(f"mmspec bench runs on the built-in targets ({', '.join(BUILTIN_TARGETS)}), whose drafters and "
+        raise InputError(f"mmspec bench runs on the built-in targets ({', '.join(BUILTIN_TARGETS)}), whose drafters and "
                          f"assistant ship with mmspec; got {target!r}")
     methods = list(methods or METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown bench method(s) {unknown}; choose from {', '.join(METHODS)}")
+        raise InputError(f"unknown bench method(s) {unknown}; choose from {', '.join(METHODS)}")
     if "autoregressive" not in methods:
         methods.insert(0, "autoregressive")  # the reference for speedup and lossless
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -128,14 +129,16 @@ def run_bench(target: str = "mini-vlm", *, n: int = 8, max_new_tokens: int = 128
     def run(method: str, prompt: str, images, k: int) -> tuple[list[int], float, int, dict]:
         forwards["n"] = 0
         s = seed + k
-        if method == "hf_assisted":
+        if method in ("hf_generate", "hf_assisted"):  # transformers' own generate: the honest baselines
             inputs = base.prepare(prompt, images)
             kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens)
             if temperature > 0:
                 kw.update(temperature=temperature, top_k=0, top_p=1.0)
                 torch.manual_seed(s)  # transformers samples from the global generator
+            if method == "hf_assisted":
+                kw["assistant_model"] = assistant
             t0 = time.perf_counter()
-            out = base.target.generate(**inputs, assistant_model=assistant, **kw)
+            out = base.target.generate(**inputs, **kw)
             wall = time.perf_counter() - t0
             return out[0, inputs["input_ids"].shape[1]:].tolist(), wall, forwards["n"], {}
         pipe = base if method == "autoregressive" else pipes[method]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+from .errors import InputError
+
 
 @dataclass(frozen=True)
 class TreeConfig:
@@ -28,9 +30,9 @@ class TreeConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"TreeConfig.{f.name} must be a positive integer, got {value!r}")
+                raise InputError(f"TreeConfig.{f.name} must be a positive integer, got {value!r}")
         if self.total_tokens > self.max_nodes + 1:
-            raise ValueError(
+            raise InputError(
                 f"TreeConfig.total_tokens={self.total_tokens} exceeds the {self.max_nodes + 1} nodes a tree of "
                 f"depth={self.depth}, top_k={self.top_k} can hold (root included); lower total_tokens or raise depth/top_k"
             )
@@ -44,7 +46,7 @@ class TreeConfig:
     def preset(cls, name: str) -> "TreeConfig":
         """Named shapes: `cpu` is small because a CPU pays for every verified token; `gpu` follows EAGLE-2's defaults."""
         if name not in TREE_PRESETS:
-            raise ValueError(f"unknown tree preset {name!r}; choose one of {sorted(TREE_PRESETS)}")
+            raise InputError(f"unknown tree preset {name!r}; choose one of {sorted(TREE_PRESETS)}")
         return TREE_PRESETS[name]
 
 
@@ -68,12 +70,12 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {t!r}")
+            raise InputError(f"temperature must be a finite number >= 0 (0 means greedy), got {t!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+            raise InputError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         p = self.top_p
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1):
-            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {p!r}")
+            raise InputError(f"top_p must be in (0, 1] (1 disables it), got {p!r}")
 
     @property
     def greedy(self) -> bool:
@@ -82,5 +84,5 @@ class SamplingConfig:
 
 def check_max_new_tokens(n: object) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {n!r}")
+        raise InputError(f"max_new_tokens must be a positive integer, got {n!r}")
     return n

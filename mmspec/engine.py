@@ -1,6 +1,7 @@
 """The one generation loop. Speculative and plain autoregressive decoding are the same loop; only the proposer differs.
 
-    prefill -> first token -> [propose tree -> verify in one target forward -> accept -> keep accepted KV -> commit]*
+    prefill -> first token -> [propose tree -> verify (all rows, one forward) -> combine rows -> process per node
+                               -> accept -> keep accepted KV -> commit]*
 
 Each turn of the bracket yields a StepEvent. Stopping matches transformers' generate: a token in the generation config's
 EOS set ends the output (and is included), even when it lands in the middle of an accepted path; max_new_tokens cuts
@@ -11,16 +12,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-from .config import SamplingConfig
+from .processing import NodeProcessor
 from .proposer import PromptContext
 from .target import TargetRunner, cache_keep
 from .tree import DraftTree
-from .verify import accept_greedy, accept_sampling, sample_token
+from .verify import Acceptor
 
 
 @dataclass
@@ -77,54 +78,84 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+Combine = Callable[[Tensor], Tensor]  # [B, T, V] logits of the rows -> [T, V] the acceptance rule sees
+
+
+def first_row(logits: Tensor) -> Tensor:
+    return logits[0]
+
+
+def guidance(scale: float) -> Combine:
+    """Classifier-free guidance over rows (cond, uncond): uncond + scale * (cond - uncond)."""
+    return lambda logits: logits[1] + scale * (logits[0] - logits[1])
+
+
 def decode(
     runner: TargetRunner,
     proposer,
     inputs: dict,
-    prompt_positions: Tensor,
-    next_pos: int,
-    sampling: SamplingConfig,
+    accept: Acceptor,
     max_new_tokens: int,
     stop_ids: frozenset[int],
-    generator: torch.Generator | None,
+    process: NodeProcessor | None = None,
+    combine: Combine = first_row,
 ) -> Iterator[StepEvent]:
-    """Run the loop; `prompt_positions` are the prompt's 1-D target positions and `next_pos` the position of the first
-    new token (they differ from the token index for M-RoPE targets)."""
+    """Run the loop over B rows of `inputs` (left-padded, with an attention_mask when B > 1) that share one draft tree:
+    every target forward covers all rows, `combine` turns their logits into one [T, V], `process` applies the
+    generation_config per node, and `accept` (see verify.acceptor) picks the committed tokens. Row 0 is the one the
+    drafter reads and whose history the processors see."""
     stats = Stats()
     dev = runner.device
     t0 = time.perf_counter()
     want_hidden = proposer.needs_features
-    pre = runner.prefill(inputs, want_hidden, getattr(proposer, "needs_embeds", False))
-    token = sample_token(pre.logits, sampling, generator)
+    ids = inputs["input_ids"]
+    positions, next_pos = runner.adapter.row_positions(runner.model, inputs)  # [B, n], [B]
+    mask = inputs.get("attention_mask")
+    pads = [0] * ids.shape[0] if mask is None else (mask.shape[1] - mask.long().sum(-1)).tolist()
+    prompt_ids = ids[0, pads[0]:]  # row 0 without its padding
+    pre = runner.prefill(inputs, want_hidden, getattr(proposer, "needs_embeds", False), positions)
+    # The first token is the bonus of a root-only tree over the prompt's last token.
+    root_tree = DraftTree.root_only(prompt_ids[-1:])
+    scores = combine(pre.logits[:, None])
+    if process:
+        scores = process(root_tree, scores, prompt_ids[:-1])
+    token = accept(root_tree, scores).bonus
     _sync(dev)
     stats.prefill_s = time.perf_counter() - t0
     stats.target_forwards = 1
     stats.new_tokens = 1
     stats.wall_s = time.perf_counter() - t0
     finished = token in stop_ids or max_new_tokens == 1
-    yield StepEvent((token,), 0, inputs["input_ids"].shape[1], finished, stats)
+    yield StepEvent((token,), 0, ids.shape[1], finished, stats)
     if finished:
         return
 
     cache = pre.cache
-    past = inputs["input_ids"].shape[1]
-    embeds = None if pre.input_embeds is None else pre.input_embeds[0]
-    prompt = PromptContext(inputs["input_ids"][0], prompt_positions, pre.hidden_states, embeds,
-                           runner.adapter.count_images(inputs))
-    proposer.start(prompt, token, next_pos)
-    del pre, prompt
-    accept = accept_greedy if sampling.greedy else (lambda tr, lg: accept_sampling(tr, lg, sampling, generator))
+    past = ids.shape[1]
+    embeds = None if pre.input_embeds is None else pre.input_embeds[0, pads[0]:]
+    hidden = None if pre.hidden_states is None else tuple(h[:1, pads[0]:] for h in pre.hidden_states)
+    prompt = PromptContext(prompt_ids, positions[0, pads[0]:], hidden, embeds, runner.adapter.count_images(inputs))
+    proposer.start(prompt, token, int(next_pos[0]))
+    del pre, prompt, hidden
+    runner.mask.start(pads)
+    history = prompt_ids  # tokens before the root, read by the processors only
     root = torch.tensor([token], device=dev)
-    root_pos = next_pos
+    root_pos = next_pos.clone()  # [B] each row's position of the root
     while True:
         t_step = time.perf_counter()
-        tree: DraftTree = proposer.propose(root, root_pos)
+        drafted_before = proposer.forwards
+        tree: DraftTree = proposer.propose(root, int(root_pos[0]))
         _sync(dev)
         t_draft = time.perf_counter()
         logits, hidden = runner.verify(tree, cache, past, root_pos, want_hidden)
         _sync(dev)
         t_verify = time.perf_counter()
-        acc = accept(tree, logits)
+        scores = combine(logits)
+        if process:
+            scores = process(tree, scores, history)
+        acc = accept(tree, scores)
+        if process:  # the root and the accepted drafted tokens join the history; the bonus is the next root
+            history = torch.cat([history, tree.tokens[acc.path.to(dev)]])
         cache_keep(cache, past, acc.path)
         proposer.commit(tree, acc, hidden)
         past += acc.path.numel()
@@ -136,7 +167,7 @@ def decode(
             committed = committed[: stop + 1]
         stats.draft_s += t_draft - t_step
         stats.verify_s += t_verify - t_draft
-        stats.draft_forwards += getattr(proposer, "forwards_per_step", 0)
+        stats.draft_forwards += proposer.forwards - drafted_before
         stats.target_forwards += 1
         stats.new_tokens += len(committed)
         stats.wall_s = time.perf_counter() - t0

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .drafter import WEIGHTS_NAME, Drafter
 from .errors import InputError, MissingInputError
-from .registry import resolve_dir
+from .registry import target_config
 
 logger = logging.getLogger(__name__)
 
@@ -254,17 +254,10 @@ def _safe_open(file: Path):
 
 
 def _target(name, drafter: Drafter):
-    from transformers import AutoConfig
-
     try:
-        path = resolve_dir(name, "target")
+        path, config = target_config(name)
     except MissingInputError as e:
         raise MissingInputError(f"cannot find the drafter's target to copy its LM head from: {e}") from None
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:  # no or a broken config.json, or a model type transformers lacks
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"cannot read the config of target {str(name)!r} ({path}): {first}") from None
     problems = drafter.mismatches(config)
     if problems:
         raise InputError(f"the drafter does not match target {str(name)!r}: " + "; ".join(problems))

@@ -5,20 +5,23 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from transformers import AutoConfig, AutoProcessor, AutoTokenizer, BatchFeature
+from transformers import AutoProcessor, AutoTokenizer, BatchFeature, GenerationConfig
 
+from .acceptance import EXACT, Exact, check_rule
 from .adapters import Adapter, adapter_for
 from .config import SamplingConfig, TreeConfig, check_max_new_tokens
 from .drafter import Drafter
 from .engine import Stats, StepEvent, decode
+from .errors import InputError, InputTypeError
 from .images import cast_pixels, load_images
+from .processing import NodeProcessor, check_generation_config
 from .proposer import EagleProposer, NullProposer
-from .registry import BUILTIN_DRAFTERS, BUILTIN_TARGETS, resolve_dir
+from .registry import BUILTIN_DRAFTERS, BUILTIN_TARGETS, resolve_dir, target_config
 from .target import TargetRunner
+from .verify import acceptor
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ def load(
     tree: TreeConfig = TreeConfig(),
     device_map: str | dict | None = None,
     draft_dtype: torch.dtype | str | None = None,
+    generation_config: GenerationConfig | None = None,
 ) -> "Pipeline":
     """Load a target (and its drafter) ready for speculative decoding.
 
@@ -55,9 +59,11 @@ def load(
     target across devices through accelerate; the drafter then sits with the LM head.
     draft_dtype: the drafter's own dtype; None -> see `default_draft_dtype` (a Drafter instance: the target's dtype).
     It changes which tokens get proposed, never what is output: the target verifies every one in its own dtype.
+    generation_config: replaces the target's own (repetition_penalty, no_repeat_ngram_size, min_new_tokens, EOS, ...)
+    for everything this pipeline decodes; see mmspec.processing for what is honoured and what is refused.
     """
     if not isinstance(tree, TreeConfig):
-        raise TypeError(f"tree must be a mmspec.TreeConfig, got {type(tree).__name__}")
+        raise InputTypeError(f"tree must be a mmspec.TreeConfig, got {type(tree).__name__}")
     if device_map is None:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype, draft_dtype = _as_dtype(dtype, "dtype"), _as_dtype(draft_dtype, "draft_dtype")
@@ -68,8 +74,10 @@ def load(
     model, processor, adapter = load_target(target, device=device, dtype=dtype, device_map=device_map)
     target_name = str(target)
     builtin = target_name in BUILTIN_TARGETS
+    pipe_config = generation_config if generation_config is not None else model.generation_config
+    check_generation_config(pipe_config)  # before the drafter loads: a refusal should cost nothing
     drafter_obj = _load_drafter(drafter, model, target_name, builtin, draft_dtype)
-    return Pipeline(model, processor, adapter, drafter_obj, tree)
+    return Pipeline(model, processor, adapter, drafter_obj, tree, pipe_config)
 
 
 def _as_dtype(value: torch.dtype | str | None, what: str) -> torch.dtype | None:
@@ -77,7 +85,7 @@ def _as_dtype(value: torch.dtype | str | None, what: str) -> torch.dtype | None:
         return value
     name = str(value).removeprefix("torch.")
     if name not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"unknown {what} {value!r}; use float32, bfloat16 or float16")
+        raise InputError(f"unknown {what} {value!r}; use float32, bfloat16 or float16")
     return getattr(torch, name)
 
 
@@ -95,8 +103,7 @@ def default_draft_dtype(target_dtype: torch.dtype, device: torch.device) -> torc
 
 def load_target(target: str | os.PathLike, *, device=None, dtype: torch.dtype = torch.float32, device_map=None):
     """The unmodified transformers model, its processor (tokenizer for text-only models) and its adapter."""
-    path = resolve_dir(target, "target")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    path, config = target_config(target)
     adapter = adapter_for(config)
     placement = {"device_map": device_map} if device_map is not None else {}
     model = adapter.auto_class.from_pretrained(
@@ -113,7 +120,7 @@ def load_target(target: str | os.PathLike, *, device=None, dtype: torch.dtype = 
 def _load_drafter(drafter: Any, model, target_name: str, builtin: bool, dtype: torch.dtype | None) -> Drafter | None:
     if drafter is None:
         if not builtin:
-            raise ValueError(
+            raise InputError(
                 f"target {target_name!r} has no built-in drafter: pass drafter=<directory saved by "
                 f"Drafter.save_pretrained>, a built-in drafter name ({', '.join(sorted(BUILTIN_DRAFTERS))}), or "
                 f"'untrained'; train one with `mmspec train-drafter`"
@@ -138,7 +145,8 @@ def _load_drafter(drafter: Any, model, target_name: str, builtin: bool, dtype: t
 
 
 class Pipeline:
-    def __init__(self, target, processor, adapter: Adapter, drafter: Drafter | None, tree: TreeConfig) -> None:
+    def __init__(self, target, processor, adapter: Adapter, drafter: Drafter | None, tree: TreeConfig,
+                 generation_config: GenerationConfig | None = None) -> None:
         self.target = target
         self.processor = processor
         self.adapter = adapter
@@ -146,8 +154,10 @@ class Pipeline:
         self.tree = tree
         self.runner = TargetRunner(target, adapter)
         self.device = self.runner.device
-        gen = target.generation_config
-        eos = gen.eos_token_id if gen is not None else None
+        self.generation_config = check_generation_config(
+            generation_config if generation_config is not None else target.generation_config
+        )
+        eos = self.generation_config.eos_token_id
         self.stop_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
 
     @property
@@ -157,7 +167,7 @@ class Pipeline:
     def prepare(self, prompt: str | list, images: Any = None) -> BatchFeature:
         """The exact inputs fed to the target: chat template applied, images processed, on the target's device."""
         if not isinstance(prompt, (str, list)):
-            raise TypeError(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+            raise InputTypeError(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
         inputs = self.adapter.prepare(self.processor, prompt, load_images(images))
         return cast_pixels(inputs.to(self.device), self.target.dtype)
 
@@ -171,13 +181,20 @@ class Pipeline:
         top_k: int = 0,
         seed: int | None = None,
         speculative: bool = True,
+        acceptance: Exact = EXACT,
     ) -> Iterator[StepEvent]:
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
         check_max_new_tokens(max_new_tokens)
+        if check_rule(acceptance).relaxed:
+            raise InputError(
+                f"{type(acceptance).__name__} relaxes acceptance in an image generator's VQ latent space; a text target "
+                f"takes only acceptance=mmspec.Exact()"
+            )
         if speculative and self.drafter is None:
-            raise ValueError("speculative=True needs a drafter; load one or pass speculative=False")
+            raise InputError("speculative=True needs a drafter; load one or pass speculative=False")
         inputs = self.prepare(prompt, images)
-        self._check_context(inputs["input_ids"].shape[1], max_new_tokens)
+        prompt_len = inputs["input_ids"].shape[1]
+        self._check_context(prompt_len, max_new_tokens)
         generator = torch.Generator(device=self.device)
         if seed is None:
             generator.seed()
@@ -185,8 +202,9 @@ class Pipeline:
             generator.manual_seed(int(seed))
         use_tree = speculative and self.tree.total_tokens > 1
         proposer = EagleProposer(self.drafter, self.tree) if use_tree else NullProposer()
-        positions, next_pos = self.adapter.prompt_positions(self.target, inputs)
-        return decode(self.runner, proposer, inputs, positions, next_pos, sampling, max_new_tokens, self.stop_ids, generator)
+        process = NodeProcessor(self.target, self.generation_config, prompt_len, max_new_tokens, self.device)
+        accept = acceptor(acceptance, sampling, generator)
+        return decode(self.runner, proposer, inputs, accept, max_new_tokens, self.stop_ids, process or None)
 
     def stream(self, prompt: str | list, images: Any = None, **kwargs) -> Iterator[StreamEvent]:
         """One event per verify step with the text it added. Keyword arguments as for `generate`.
@@ -214,12 +232,14 @@ class Pipeline:
         top_k: int = 0,
         seed: int | None = None,
         speculative: bool = True,
+        acceptance: Exact = EXACT,
     ) -> GenerationResult:
         """Run to the end. At temperature 0 the tokens equal target.generate(**prepare(...), do_sample=False); above it
-        they are distributed as the target's samples under the same temperature / top_k / top_p warp."""
+        they are distributed as the target's samples under the same temperature / top_k / top_p warp. The
+        generation_config's processors (repetition_penalty, ...) apply as in generate; its sampling knobs do not."""
         tokens: list[int] = []
         stats = Stats()
-        events = self._events(prompt, images, max_new_tokens, temperature, top_p, top_k, seed, speculative)
+        events = self._events(prompt, images, max_new_tokens, temperature, top_p, top_k, seed, speculative, acceptance)
         for ev in events:  # no per-step text decoding here, so wall time is the engine's own
             tokens.extend(ev.token_ids)
             stats = ev.stats
@@ -228,9 +248,9 @@ class Pipeline:
     def _check_context(self, prompt_len: int, max_new_tokens: int) -> None:
         ctx = self.runner.max_context
         if ctx and prompt_len >= ctx:
-            raise ValueError(f"the prompt has {prompt_len} tokens, more than the target's context of {ctx}; shorten it")
+            raise InputError(f"the prompt has {prompt_len} tokens, more than the target's context of {ctx}; shorten it")
         if ctx and prompt_len + max_new_tokens > ctx:
-            raise ValueError(
+            raise InputError(
                 f"the prompt ({prompt_len} tokens) plus max_new_tokens={max_new_tokens} exceeds the target's context "
                 f"of {ctx} tokens; lower max_new_tokens to at most {ctx - prompt_len}"
             )

@@ -3,6 +3,7 @@
     start(prompt)                        after the target's prefill: prompt tokens, their target features and positions
     propose(root, root_pos) -> DraftTree  the tree to verify next, hanging from the last committed token
     commit(tree, acceptance, features)   the accepted path's target features, so the drafter can catch up
+    forwards                             drafter forwards run so far (the loop reports the difference per step)
 
 `NullProposer` proposes the root alone, which makes the loop plain autoregressive decoding.
 """
@@ -83,7 +84,7 @@ def prompt_pairs(drafter: Drafter, prompt: PromptContext, first_token: int, firs
 
 class NullProposer:
     needs_features = False
-    forwards_per_step = 0
+    forwards = 0  # drafter forwards run so far
 
     def start(self, prompt: PromptContext, first_token: int, first_pos: int) -> None:
         pass
@@ -104,7 +105,7 @@ class EagleProposer:
     def __init__(self, drafter: Drafter, tree: TreeConfig) -> None:
         self.drafter = drafter
         self.tree = tree
-        self.forwards_per_step = tree.depth
+        self.forwards = 0  # drafter forwards run so far, counted where they run
         self.kv = DraftKV()
         self._pending: Pairs | None = None
         self._image_vec: Tensor | None = None  # [1, H] the last image's global vector, in force after the prompt
@@ -143,6 +144,7 @@ class EagleProposer:
         pend_emb = None if pend.embeds is None else pend.embeds[None]
         feats = pend.features[None].to(d.q_proj.weight.dtype)
         hidden = d(tokens[None], feats, pend.positions[None], mask[None], self.kv, pend_emb, pend_vec)[0]
+        self.forwards += 1
         committed = self.kv.length
         logp = torch.log_softmax(d.logits(hidden[-1]).float(), dim=-1)
         scores, beam_tokens = logp.topk(k)  # [k]
@@ -155,6 +157,7 @@ class EagleProposer:
             pos = torch.full((1, k), root_pos + depth, device=dev)
             mask = torch.cat([torch.ones(k, committed, dtype=torch.bool, device=dev), anc], dim=1)
             hidden = d(beam_tokens[None], beam_feats[None], pos, mask[None], self.kv, image_vec=vec)[0]  # [k, H]
+            self.forwards += 1
             logp = torch.log_softmax(d.logits(hidden).float(), dim=-1)
             top_lp, top_tok = logp.topk(k, dim=-1)  # [k, k]
             cum = (scores[:, None] + top_lp).flatten()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import MissingInputError
+from .errors import InputError, MissingInputError
 
 MODELS_DIR = Path(__file__).parent / "models"
 REBUILD = "python -m mmspec.data_tools.build_minis"
@@ -54,3 +54,15 @@ def sample_image_path() -> Path:
     if not path.is_file():
         raise MissingInputError(f"the bundled sample image is missing ({path}); rebuild with `{REBUILD}`")
     return path
+
+
+def target_config(name: str | os.PathLike):
+    """-> (directory, transformers config) of a target, with a clear error for a missing or unreadable config."""
+    from transformers import AutoConfig
+
+    path = resolve_dir(name, "target")
+    try:
+        return path, AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:  # no or a broken config.json, or a model type transformers lacks
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"cannot read the config of target {str(name)!r} ({path}): {first}") from None

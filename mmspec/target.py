@@ -6,6 +6,7 @@ The target is the user's unmodified transformers model. A tree goes through its 
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .errors import InputError
 from .tree import DraftTree
 
 
@@ -23,8 +25,9 @@ def cache_keep(cache: Cache, start: int, keep: Tensor) -> None:
     prefix = bool((keep == torch.arange(n)).all())  # a chain accepted from the root needs no copy
     for layer in cache.layers:
         if type(layer) is not DynamicLayer:
-            raise NotImplementedError(
-                f"tree verification supports the full-attention DynamicCache only, got a {type(layer).__name__}"
+            raise InputError(
+                f"tree verification supports the full-attention DynamicCache only, got a {type(layer).__name__} (a "
+                f"sliding-window or hybrid target); mmspec cannot crop it to an accepted path"
             )
         if not prefix:
             idx = (start + keep).to(layer.keys.device)
@@ -36,10 +39,10 @@ def cache_keep(cache: Cache, start: int, keep: Tensor) -> None:
 
 @dataclass
 class Prefill:
-    logits: Tensor  # [V] at the last prompt position ([n, V] with all_logits)
-    hidden_states: tuple[Tensor, ...] | None  # each [1, n, H]
+    logits: Tensor  # [B, V] at every row's last prompt position ([n, V] of row 0 with all_logits)
+    hidden_states: tuple[Tensor, ...] | None  # each [B, n, H]
     cache: Cache | None
-    input_embeds: Tensor | None = None  # [1, n, H] what the language model received (image tokens = projector out)
+    input_embeds: Tensor | None = None  # [B, n, H] what the language model received (image tokens = projector out)
 
 
 def language_model(model: nn.Module) -> nn.Module:
@@ -48,9 +51,29 @@ def language_model(model: nn.Module) -> nn.Module:
     return getattr(core, "language_model", None) or core
 
 
+@functools.lru_cache(maxsize=64)
+def _forward_params(forward_fn) -> frozenset[str]:
+    return frozenset(inspect.signature(forward_fn).parameters)
+
+
+def forward_params(model: nn.Module) -> frozenset[str]:
+    """The keyword names the model's forward takes (looked up once per class: inspect is slow on the hot path)."""
+    return _forward_params(type(model).forward)
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The name the installed transformers gives the KV-cache argument: `cache` from 5.2x on (`past_key_values` still
+    works there but warns on every call), `past_key_values` before."""
+    return "cache" if "cache" in forward_params(model) else "past_key_values"
+
+
+def output_cache(out) -> Cache | None:
+    return out["cache"] if "cache" in out else out.get("past_key_values")
+
+
 @torch.no_grad()
 def target_forward(model: nn.Module, inputs: dict, *, want_hidden: bool, want_embeds: bool, all_logits: bool,
-                   use_cache: bool = True) -> Prefill:
+                   use_cache: bool = True, position_ids: Tensor | None = None) -> Prefill:
     """The target's normal forward over a prompt, optionally capturing its language model's input embeddings through a
     forward pre-hook (the generic way to see the projector outputs without knowing the family)."""
     captured: dict[str, Tensor] = {}
@@ -61,7 +84,9 @@ def target_forward(model: nn.Module, inputs: dict, *, want_hidden: bool, want_em
             captured["embeds"] = emb
 
     hook = language_model(model).register_forward_pre_hook(grab, with_kwargs=True) if want_embeds else None
-    extra = {} if all_logits or "logits_to_keep" not in inspect.signature(model.forward).parameters else {"logits_to_keep": 1}
+    extra = {} if all_logits or "logits_to_keep" not in forward_params(model) else {"logits_to_keep": 1}
+    if position_ids is not None:
+        extra["position_ids"] = position_ids
     try:
         out = model(**inputs, use_cache=use_cache, output_hidden_states=want_hidden, return_dict=True, **extra)
     finally:
@@ -69,47 +94,63 @@ def target_forward(model: nn.Module, inputs: dict, *, want_hidden: bool, want_em
             hook.remove()
     embeds = captured.get("embeds")
     if want_embeds and embeds is None:
-        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        raise InputError(
+            f"{type(model).__name__} does not pass inputs_embeds to its language model, so the drafter's vision adaptor "
+            f"cannot see the image embeddings; use a drafter without a vision adaptor (--no-vision-adaptor)"
+        )
     return Prefill(
-        logits=out.logits[0] if all_logits else out.logits[0, -1],
+        logits=out.logits[0] if all_logits else out.logits[:, -1],
         hidden_states=tuple(out.hidden_states) if want_hidden else None,
-        cache=out.past_key_values if use_cache else None,
+        cache=output_cache(out) if use_cache else None,
         input_embeds=embeds,
     )
 
 
 class TreeMask:
-    """A reused [rows, columns] mask buffer in the layout the model's attention wants: bool (True = attend) for sdpa,
-    additive float (0 / dtype min) for eager. Each step writes the tree block, then restores it to 'attend' so the
+    """A reused [B, rows, columns] mask buffer in the layout the model's attention wants: bool (True = attend) for
+    sdpa, additive float (0 / dtype min) for eager, which adds the mask to its scores and would silently ignore a bool
+    one. Each row's left padding stays masked; each step writes the tree block, then restores it to 'attend' so the
     committed prefix never needs rewriting."""
 
     def __init__(self, attn_impl: str, dtype: torch.dtype, device: torch.device) -> None:
         if attn_impl not in ("sdpa", "eager"):
-            raise ValueError(
+            raise InputError(
                 f"tree verification needs attn_implementation 'sdpa' or 'eager' (a custom 4-D mask), the target uses "
                 f"{attn_impl!r}; load it with attn_implementation='sdpa'"
             )
         self.bool_mask = attn_impl == "sdpa"
         self.dtype, self.device = dtype, device
-        self.buf = self._alloc(64, 1024)
+        self.attend = True if self.bool_mask else 0.0
+        self.blocked = False if self.bool_mask else torch.finfo(dtype).min
+        self.start([0])
+
+    def start(self, pads: list[int]) -> None:
+        """A new run whose rows have `pads` left-padding columns each; the buffer is kept when its row count fits."""
+        old, self.pads = getattr(self, "pads", None), list(pads)
+        if old is None or len(old) != len(pads):
+            self.buf = self._alloc(64, 1024)
+        elif old != self.pads:
+            self.buf[:, :, : max(old)] = self.attend
+            for b, pad in enumerate(self.pads):
+                self.buf[b, :, :pad] = self.blocked
 
     def _alloc(self, rows: int, cols: int) -> Tensor:
-        if self.bool_mask:
-            return torch.ones(rows, cols, dtype=torch.bool, device=self.device)
-        return torch.zeros(rows, cols, dtype=self.dtype, device=self.device)
+        dtype = torch.bool if self.bool_mask else self.dtype
+        buf = torch.full((len(self.pads), rows, cols), self.attend, dtype=dtype, device=self.device)
+        for b, pad in enumerate(self.pads):
+            buf[b, :, :pad] = self.blocked
+        return buf
 
     def build(self, tree: DraftTree, past: int) -> Tensor:
         t = tree.size
-        if t > self.buf.shape[0] or past + t > self.buf.shape[1]:
-            self.buf = self._alloc(max(t, self.buf.shape[0]), 2 * (past + t))
-        block = tree.mask if self.bool_mask else torch.zeros((), dtype=self.dtype, device=self.device).masked_fill(
-            ~tree.mask, torch.finfo(self.dtype).min
-        )
-        self.buf[:t, past : past + t] = block
-        return self.buf[None, None, :t, : past + t]
+        if t > self.buf.shape[1] or past + t > self.buf.shape[2]:
+            self.buf = self._alloc(max(t, self.buf.shape[1]), 2 * (past + t))
+        block = tree.mask if self.bool_mask else torch.where(tree.mask, 0.0, self.blocked).to(self.dtype)
+        self.buf[:, :t, past : past + t] = block
+        return self.buf[:, None, :t, : past + t]
 
     def release(self, tree: DraftTree, past: int) -> None:
-        self.buf[: tree.size, past : past + tree.size] = True if self.bool_mask else 0
+        self.buf[:, : tree.size, past : past + tree.size] = self.attend
 
 
 class TargetRunner:
@@ -120,22 +161,32 @@ class TargetRunner:
         text_cfg = model.config.get_text_config()
         self.max_context = int(getattr(text_cfg, "max_position_embeddings", 0) or 0)
         self.mask = TreeMask(model.config._attn_implementation, model.dtype, self.device)
+        self.cache_kw = cache_kwarg(model)
 
-    def prefill(self, inputs: dict, want_hidden: bool, want_embeds: bool = False) -> Prefill:
-        return target_forward(self.model, inputs, want_hidden=want_hidden, want_embeds=want_embeds, all_logits=False)
+    def prefill(self, inputs: dict, want_hidden: bool, want_embeds: bool = False,
+                positions: Tensor | None = None) -> Prefill:
+        """The prompt's forward; `positions` [B, n] (from the adapter's row_positions) are passed for left-padded rows."""
+        position_ids = None
+        mask = inputs.get("attention_mask")
+        if positions is not None and mask is not None and not bool(mask.all()):
+            position_ids = self.adapter.prefill_position_ids(inputs, positions)
+        return target_forward(self.model, inputs, want_hidden=want_hidden, want_embeds=want_embeds, all_logits=False,
+                              position_ids=position_ids)
 
     @torch.no_grad()
-    def verify(self, tree: DraftTree, cache: Cache, past: int, root_pos: int, want_hidden: bool):
-        """One target forward over the tree. Returns ([T, V] logits, hidden states or None)."""
-        positions = (root_pos + tree.depths).to(self.device, non_blocking=True)
+    def verify(self, tree: DraftTree, cache: Cache, past: int, root_pos: Tensor, want_hidden: bool):
+        """One target forward of every row over the tree; root_pos [B] long (CPU) is each row's root position.
+        Returns ([B, T, V] logits, hidden states each [B, T, H] or None)."""
+        positions = (root_pos[:, None] + tree.depths[None]).to(self.device, non_blocking=True)
+        rows = root_pos.shape[0]
         out = self.model(
-            input_ids=tree.tokens[None],
+            input_ids=tree.tokens[None].expand(rows, -1),
             attention_mask=self.mask.build(tree, past),
             position_ids=self.adapter.position_ids(positions),
-            past_key_values=cache,
             use_cache=True,
             output_hidden_states=want_hidden,
             return_dict=True,
+            **{self.cache_kw: cache},
         )
         self.mask.release(tree, past)
-        return out.logits[0], (tuple(out.hidden_states) if want_hidden else None)
+        return out.logits, (tuple(out.hidden_states) if want_hidden else None)

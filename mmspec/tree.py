@@ -12,14 +12,27 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .errors import InputError
 
-def _check_parents(parents: Tensor) -> None:
-    """[T] CPU long: node 0 is the root (-1), every other parent comes earlier (a topological order)."""
-    if parents.numel() == 0 or int(parents[0]) != -1:
-        raise ValueError("DraftTree node 0 is the root and must have parent -1")
-    rest = parents[1:]
-    if bool(((rest < 0) | (rest >= torch.arange(1, parents.numel()))).any()):
-        raise ValueError(f"DraftTree.parents must satisfy 0 <= parents[i] < i for i > 0, got {parents.tolist()}")
+
+def _check_parents(parents: list[int]) -> None:
+    """Node 0 is the root (-1), every other parent comes earlier (a topological order). Plain ints: this runs on every
+    decoding step, where per-element tensor ops would cost more than the check."""
+    if not parents or parents[0] != -1:
+        raise InputError("DraftTree node 0 is the root and must have parent -1")
+    if any(not 0 <= p < i for i, p in enumerate(parents[1:], start=1)):
+        raise InputError(f"DraftTree.parents must satisfy 0 <= parents[i] < i for i > 0, got {parents}")
+
+
+def _check_distinct_siblings(parents: list[int], tokens: list[int]) -> None:
+    """Recursive rejection is exact only when a node's children carry distinct tokens: a repeated sibling would be
+    tested again after its own mass was removed from the residual."""
+    seen: set[tuple[int, int]] = set()
+    for node, pair in enumerate(zip(parents[1:], tokens[1:]), start=1):
+        if pair in seen:
+            raise InputError(f"DraftTree: node {node} repeats token {pair[1]} among the children of node {pair[0]}; "
+                             f"siblings must carry distinct tokens")
+        seen.add(pair)
 
 
 @dataclass(frozen=True)
@@ -33,15 +46,15 @@ class DraftTree:
     def __post_init__(self) -> None:
         t = self.tokens.shape[0]
         if self.tokens.dim() != 1 or t < 1:
-            raise ValueError(f"DraftTree.tokens must be a non-empty 1-D tensor, got shape {tuple(self.tokens.shape)}")
+            raise InputError(f"DraftTree.tokens must be a non-empty 1-D tensor, got shape {tuple(self.tokens.shape)}")
         if self.parents.shape != (t,) or self.depths.shape != (t,) or self.mask.shape != (t, t):
-            raise ValueError(
+            raise InputError(
                 f"DraftTree fields disagree on the node count {t}: parents {tuple(self.parents.shape)}, "
                 f"depths {tuple(self.depths.shape)}, mask {tuple(self.mask.shape)}"
             )
         if self.parents.device.type != "cpu" or self.depths.device.type != "cpu":
-            raise ValueError("DraftTree.parents and depths live on the CPU (the host walks them during acceptance)")
-        _check_parents(self.parents)
+            raise InputError("DraftTree.parents and depths live on the CPU (the host walks them during acceptance)")
+        _check_parents(self.parents.tolist())
 
     @property
     def size(self) -> int:
@@ -56,13 +69,14 @@ class DraftTree:
         """Derive depths, ancestor mask and paths from the parent list; the one constructor everything goes through."""
         parents = torch.as_tensor(parents, dtype=torch.long).cpu()
         if parents.dim() != 1 or parents.numel() != tokens.numel():
-            raise ValueError(f"parents has {parents.numel()} entries but tokens has {tokens.numel()}")
+            raise InputError(f"parents has {parents.numel()} entries but tokens has {tokens.numel()}")
         t = parents.numel()
-        _check_parents(parents)  # before deriving anything from them
         # Topological order lets one pass in index order fill depths and ancestor sets. This runs on every decoding
         # step, so it walks Python ints (ancestor sets as bitmasks) and builds each tensor once: a per-node tensor
         # op costs microseconds, which a 16-node tree turned into ~0.5 ms a step.
         plist = parents.tolist()
+        _check_parents(plist)  # before deriving anything from them
+        _check_distinct_siblings(plist, tokens.reshape(t).tolist())
         depth, anc = [0] * t, [1] * t
         for i in range(1, t):
             p = plist[i]

@@ -15,11 +15,15 @@ No model, cache or global state in here; every random draw comes from the inject
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 from torch import Tensor
 
+from .acceptance import EXACT
 from .config import SamplingConfig
+from .errors import InputError
 from .tree import DraftTree
 
 
@@ -54,11 +58,11 @@ def warp(logits: Tensor, sampling: SamplingConfig) -> Tensor:
     return scores.softmax(dim=-1)
 
 
-def sample_token(logits: Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> int:
-    """One token from [V] logits: argmax when greedy, else a draw from the warped distribution."""
-    if sampling.greedy:
-        return int(logits.argmax())
-    return int(torch.multinomial(warp(logits, sampling), 1, generator=generator))
+def inverse_cdf(weights: Tensor, u: float) -> int:
+    """A draw from the unnormalised [V] `weights` by one uniform u in [0, 1): the first token whose cumulative weight
+    exceeds u * total. Tokens of weight 0 are never drawn (their cumulative weight equals the previous one)."""
+    cdf = weights.double().cumsum(0)  # float64: the total of a long vocabulary is exact enough to the last token
+    return int(torch.searchsorted(cdf, cdf[-1:] * u, right=True).clamp(max=weights.numel() - 1))
 
 
 def accept_greedy(tree: DraftTree, target_logits: Tensor) -> Acceptance:
@@ -78,50 +82,64 @@ def accept_greedy(tree: DraftTree, target_logits: Tensor) -> Acceptance:
 
 
 def accept_sampling(
-    tree: DraftTree, target_logits: Tensor, sampling: SamplingConfig, generator: torch.Generator
+    tree: DraftTree,
+    target_logits: Tensor,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None,
+    rule=EXACT,
+    neighbours: Tensor | None = None,
 ) -> Acceptance:
     """Recursive rejection sampling over siblings (SpecInfer / EAGLE), exact for point-mass drafts.
 
-    At a node with target_probs p and children c1, c2, ...: accept c1 with probability p(c1); on rejection remove c1 from
-    p (the residual max(p - draft_probs, 0) for a point mass) and try c2 against the renormalised residual, and so on.
-    An accepted child becomes the new node; when every child is rejected, or the node is a leaf, the bonus token is drawn
-    from what is left of p. Each committed token is therefore distributed exactly as the target's warped distribution.
+    At a node with target_probs p and children c1, c2, ...: accept c1 with probability p(A(c1)) / p(all), where A is the
+    rule's relaxed set ({c1} for `Exact`); on rejection remove A(c1) from p and test c2 against that residual, and so
+    on. An accepted child becomes the new node; when every child is rejected, or the node is a leaf, the bonus token is
+    drawn from what is left of p. Under `Exact` each committed token is therefore distributed exactly as the target's
+    warped distribution (siblings are distinct, which DraftTree guarantees); a relaxed rule moves it by at most the
+    mass it claims. `neighbours` [V, k] is what a relaxed rule reads; `Exact` ignores it.
     """
     if sampling.greedy:
-        raise ValueError("accept_sampling needs temperature > 0; use accept_greedy for temperature 0")
+        raise InputError("accept_sampling needs temperature > 0; use accept_greedy for temperature 0")
     target_probs = warp(target_logits, sampling)  # [T, V]
     t = tree.size
-    # Every decision of the step reads from these draws: uniform u[c] decides child c.
-    uniforms = torch.rand(t, generator=generator, device=target_probs.device)
-    child_probs = torch.zeros(t, device=target_probs.device)
-    if t > 1:
-        parents_dev = tree.parents[1:].to(target_probs.device)
-        child_probs[1:] = target_probs[parents_dev, tree.tokens[1:]]
-    host = torch.stack([child_probs, uniforms]).cpu()
-    child_probs, uniforms = host[0].tolist(), host[1].tolist()
+    # Every decision of the step reads from these draws: uniform u[c] decides child c, u[0] draws the bonus token.
+    uniforms = torch.rand(t, generator=generator, device=target_probs.device).tolist()
     children: list[list[int]] = [[] for _ in range(t)]
     for i, p in enumerate(tree.parents.tolist()[1:], start=1):
         children[p].append(i)
 
-    node, path, rejected = 0, [0], []
-    while True:
-        residual_mass = 1.0
-        rejected = []
+    node, path = 0, [0]
+    residual = target_probs[0]
+    while children[node]:
+        left = 1.0  # mass of the residual: the warped rows sum to one
         for c in children[node]:
-            p_c = child_probs[c]
-            if residual_mass > 0 and uniforms[c] * residual_mass < p_c:
+            x = tree.tokens[c : c + 1]
+            members = rule.relaxed_set(residual[None], x, neighbours)[0]  # [V] bool, A(x) on this residual
+            mass = float(residual[members].sum())
+            if uniforms[c] * left < mass or mass >= left:  # the second test only absorbs rounding when A(x) is all
                 node = c
-                path.append(c)
                 break
-            residual_mass -= p_c
-            rejected.append(c)
+            residual = residual.masked_fill(members, 0.0)
+            left -= mass
         else:
             break
-    residual = target_probs[node]
-    if rejected:
-        residual = residual.clone()
-        residual[tree.tokens[torch.tensor(rejected, device=tree.tokens.device)]] = 0.0
-    bonus = int(torch.multinomial(residual, 1, generator=generator))
+        path.append(node)
+        residual = target_probs[node]
+    bonus = inverse_cdf(residual, uniforms[0])
     path_t = torch.tensor(path, dtype=torch.long)
     drafted = tree.tokens[path_t[1:].to(tree.tokens.device)].tolist() if len(path) > 1 else []
     return Acceptance(path=path_t, tokens=tuple(drafted) + (bonus,))
+
+
+Acceptor = Callable[[DraftTree, Tensor], Acceptance]
+
+
+def acceptor(rule, sampling: SamplingConfig, generator: torch.Generator | None, neighbours: Tensor | None = None
+             ) -> Acceptor:
+    """The generation loop's acceptance step, (tree, [T, V] processed target logits) -> Acceptance, for one rule and
+    warp. Greedy exact acceptance needs no draws and takes the vectorised longest-match path."""
+    if sampling.greedy and not rule.relaxed:
+        return accept_greedy
+    if sampling.greedy:
+        raise InputError(f"{type(rule).__name__} acceptance needs temperature > 0 here; use mmspec.Exact() at temperature 0")
+    return partial(accept_sampling, sampling=sampling, generator=generator, rule=rule, neighbours=neighbours)

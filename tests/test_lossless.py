@@ -10,8 +10,9 @@ import torch
 
 import mmspec
 from mmspec import DraftTree, TreeConfig
-from mmspec.engine import decode
-from mmspec.proposer import NullProposer
+from mmspec.engine import decode, guidance
+from mmspec.proposer import EagleProposer, NullProposer
+from mmspec.verify import accept_greedy
 from tiny_models import FAMILIES, sample_images
 
 MAX_NEW = 48
@@ -24,7 +25,7 @@ class OracleProposer:
     depth 3 (so acceptance stops mid-path)."""
 
     needs_features = False
-    forwards_per_step = 0
+    forwards = 0
 
     def __init__(self, reference: list[int], vocab: int, depth: int = 5):
         self.ref, self.vocab, self.depth = reference, vocab, depth
@@ -57,10 +58,8 @@ def reference(pipe, inputs, max_new=MAX_NEW):
 
 
 def run(pipe, proposer, inputs, max_new=MAX_NEW):
-    positions, next_pos = pipe.adapter.prompt_positions(pipe.target, inputs)
     tokens, events = [], []
-    for ev in decode(pipe.runner, proposer, inputs, positions, next_pos, mmspec.SamplingConfig(), max_new,
-                     pipe.stop_ids, None):
+    for ev in decode(pipe.runner, proposer, inputs, accept_greedy, max_new, pipe.stop_ids):
         tokens.extend(ev.token_ids)
         events.append(ev)
     return tokens, events
@@ -93,9 +92,14 @@ def test_token_identical_to_generate(pipes, family, n_images):
     plain = pipe.generate(PROMPT, images, max_new_tokens=MAX_NEW, speculative=False)
     assert plain.token_ids == ref and plain.stats.mean_accepted == 1.0
 
-    spec = pipe.generate(PROMPT, images, max_new_tokens=MAX_NEW)
+    calls = []
+    hook = pipe.drafter.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        spec = pipe.generate(PROMPT, images, max_new_tokens=MAX_NEW)
+    finally:
+        hook.remove()
     assert spec.token_ids == ref
-    assert spec.stats.draft_forwards == 4 * (spec.stats.target_forwards - 1)
+    assert spec.stats.draft_forwards == len(calls) == 4 * (spec.stats.target_forwards - 1)  # counted, not declared
 
     oracle, events = run(pipe, OracleProposer(ref, pipe.target.config.get_text_config().vocab_size), inputs)
     assert oracle == ref
@@ -142,7 +146,10 @@ def test_stream_events_add_up_to_generate(pipes):
     assert "".join(ev.text for ev in events) == res.text
     s = res.stats
     assert s.new_tokens == len(res.token_ids) and s.target_forwards == len(events)
-    assert s.wall_s >= s.draft_s + s.verify_s and s.tokens_per_s > 0
+    assert s.draft_s > 0 and s.verify_s > 0 and s.prefill_s > 0
+    assert s.tokens_per_s == pytest.approx(s.new_tokens / s.wall_s)
+    plain = pipe.generate(PROMPT, images, max_new_tokens=30, speculative=False).stats
+    assert plain.draft_forwards == 0 and plain.target_forwards == plain.new_tokens
 
 
 def test_null_proposer_loop_is_plain_decoding(pipes):
@@ -159,3 +166,48 @@ def test_device_map_loading_path(tiny_dir):
     inputs = pipe.prepare(PROMPT, images)
     assert pipe.generate(PROMPT, images, max_new_tokens=24).token_ids == reference(pipe, inputs, max_new=24)
     assert pipe.drafter.q_proj.weight.device == pipe.target.get_output_embeddings().weight.device
+
+
+def naive_cfg(model, rows: list[list[int]], scale: float, n: int, cond_extra: dict) -> list[int]:
+    """The reference for two-row guidance: each step, each row's own full forward (no cache, no padding), combined.
+    `cond_extra` (pixel values, image grids) goes with the cond row."""
+    out = []
+    for _ in range(n):
+        logits = []
+        for i, r in enumerate(rows):
+            extra = dict(cond_extra) if i == 0 else {}
+            if "mm_token_type_ids" in extra:  # one type per token: generated tokens are text (0)
+                extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros(1, len(out)).long()], 1)
+            logits.append(model(input_ids=torch.tensor([r + out]), use_cache=False, **extra).logits[0, -1])
+        out.append(int((logits[1] + scale * (logits[0] - logits[1])).argmax()))
+    return out
+
+
+@pytest.mark.parametrize("family,n_images", [("text_llm", 0), ("qwen2_vl", 0), ("qwen2_vl", 1)])
+def test_two_cfg_rows_under_one_tree_equal_the_naive_reference(pipes, family, n_images):
+    """Rows of different lengths (the uncond row left-padded, without the image) verified with one tree per step,
+    combined before acceptance, equal two separate forwards per step; the drafter reads the cond row. With an image
+    on Qwen2-VL the rows' M-RoPE positions differ too."""
+    pipe = pipes(family)
+    cond_inputs = pipe.prepare(PROMPT, sample_images(n_images))
+    cond = cond_inputs["input_ids"][0].tolist()
+    extra = {k: cond_inputs[k] for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids") if k in cond_inputs}
+    uncond = pipe.prepare("A picture.")["input_ids"][0].tolist()
+    assert len(uncond) < len(cond)
+    width, scale, n = len(cond), 2.5, 24
+    inputs = {
+        "input_ids": torch.tensor([cond, [0] * (width - len(uncond)) + uncond]),
+        "attention_mask": torch.tensor([[1] * width, [0] * (width - len(uncond)) + [1] * len(uncond)]),
+        **extra,
+    }
+    if "mm_token_type_ids" in extra:  # per token, so the padded batch needs a row for the uncond prompt too
+        inputs["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros(1, width).long()])
+    ref = naive_cfg(pipe.target, [cond, uncond], scale, n, extra)
+    vocab = pipe.target.config.get_text_config().vocab_size
+    for proposer in (NullProposer(), EagleProposer(pipe.drafter, pipe.tree), OracleProposer(ref, vocab)):
+        got, events = [], []
+        for ev in decode(pipe.runner, proposer, inputs, accept_greedy, n, frozenset(), combine=guidance(scale)):
+            got.extend(ev.token_ids)
+            events.append(ev)
+        assert got == ref, type(proposer).__name__
+    assert max(ev.num_accepted for ev in events) >= 4  # the oracle's long paths: cache edits on both rows
