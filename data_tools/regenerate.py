@@ -34,12 +34,12 @@ from typing import Sequence
 
 import torch
 from tqdm import tqdm
-from transformers import AutoConfig, AutoProcessor, AutoTokenizer, BatchFeature
+from transformers import AutoProcessor, AutoTokenizer, BatchFeature
 
 from mmspec.adapters import Adapter, adapter_for
 from mmspec.errors import InputError, UserError
 from mmspec.images import cast_pixels, load_images
-from mmspec.registry import resolve_dir
+from mmspec.registry import target_config
 
 from .jsonl import Conversation, dumps, input_file_error, read_conversations
 
@@ -65,12 +65,7 @@ class TargetGenerator:
         device = torch.device(device)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        path = resolve_dir(target, "target")  # built-in names, local directories, HF ids already cached
-        try:
-            config = AutoConfig.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError, KeyError) as e:  # no or a broken config.json, or a model type transformers lacks
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise InputError(f"cannot read the config of target {str(target)!r}: {first}") from None
+        path, config = target_config(target)  # built-in names, local directories, HF ids already cached
         self.adapter: Adapter = adapter_for(config)
         self.model = self.adapter.auto_class.from_pretrained(
             path, dtype=dtype, attn_implementation="sdpa", local_files_only=True

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .processing import NodeProcessor
 from .proposer import PromptContext
-from .target import TargetRunner, cache_keep
+from .target import Prefill, TargetRunner, cache_keep
 from .tree import DraftTree
 from .verify import Acceptor
 
@@ -90,6 +90,31 @@ def guidance(scale: float) -> Combine:
     return lambda logits: logits[1] + scale * (logits[0] - logits[1])
 
 
+@dataclass(frozen=True)
+class Rows:
+    """The B prompt rows of one generation, left-padded to one length; row 0 is the one the drafter reads and whose
+    history the processors see."""
+
+    positions: Tensor  # [B, n] 1-D target positions of every row's prompt tokens
+    next_pos: Tensor  # [B] long, CPU: each row's position of its first new token
+    pads: list[int]  # left-padding columns per row
+    prompt_ids: Tensor  # [n0] row 0 without its padding
+
+    @classmethod
+    def of(cls, runner: TargetRunner, inputs: dict) -> "Rows":
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        positions, next_pos = runner.adapter.row_positions(runner.model, inputs)
+        pads = [0] * ids.shape[0] if mask is None else (mask.shape[1] - mask.long().sum(-1)).tolist()
+        return cls(positions, next_pos, pads, ids[0, pads[0]:])
+
+    def drafter_context(self, pre: Prefill, n_images: int) -> PromptContext:
+        """What the drafter reads of the prefill: row 0, without its padding."""
+        p = self.pads[0]
+        embeds = None if pre.input_embeds is None else pre.input_embeds[0, p:]
+        hidden = None if pre.hidden_states is None else tuple(h[:1, p:] for h in pre.hidden_states)
+        return PromptContext(self.prompt_ids, self.positions[0, p:], hidden, embeds, n_images)
+
+
 def decode(
     runner: TargetRunner,
     proposer,
@@ -102,45 +127,37 @@ def decode(
 ) -> Iterator[StepEvent]:
     """Run the loop over B rows of `inputs` (left-padded, with an attention_mask when B > 1) that share one draft tree:
     every target forward covers all rows, `combine` turns their logits into one [T, V], `process` applies the
-    generation_config per node, and `accept` (see verify.acceptor) picks the committed tokens. Row 0 is the one the
-    drafter reads and whose history the processors see."""
+    generation_config per node, and `accept` (see verify.acceptor) picks the committed tokens."""
     stats = Stats()
     dev = runner.device
     t0 = time.perf_counter()
     want_hidden = proposer.needs_features
-    ids = inputs["input_ids"]
-    positions, next_pos = runner.adapter.row_positions(runner.model, inputs)  # [B, n], [B]
-    mask = inputs.get("attention_mask")
-    pads = [0] * ids.shape[0] if mask is None else (mask.shape[1] - mask.long().sum(-1)).tolist()
-    prompt_ids = ids[0, pads[0]:]  # row 0 without its padding
-    pre = runner.prefill(inputs, want_hidden, getattr(proposer, "needs_embeds", False), positions)
+    rows = Rows.of(runner, inputs)
+    pre = runner.prefill(inputs, want_hidden, getattr(proposer, "needs_embeds", False), rows.positions)
     # The first token is the bonus of a root-only tree over the prompt's last token.
-    root_tree = DraftTree.root_only(prompt_ids[-1:])
+    root_tree = DraftTree.root_only(rows.prompt_ids[-1:])
     scores = combine(pre.logits[:, None])
     if process:
-        scores = process(root_tree, scores, prompt_ids[:-1])
+        scores = process(root_tree, scores, rows.prompt_ids[:-1])
     token = accept(root_tree, scores).bonus
     _sync(dev)
     stats.prefill_s = time.perf_counter() - t0
     stats.target_forwards = 1
     stats.new_tokens = 1
     stats.wall_s = time.perf_counter() - t0
+    past = inputs["input_ids"].shape[1]
     finished = token in stop_ids or max_new_tokens == 1
-    yield StepEvent((token,), 0, ids.shape[1], finished, stats)
+    yield StepEvent((token,), 0, past, finished, stats)
     if finished:
         return
 
     cache = pre.cache
-    past = ids.shape[1]
-    embeds = None if pre.input_embeds is None else pre.input_embeds[0, pads[0]:]
-    hidden = None if pre.hidden_states is None else tuple(h[:1, pads[0]:] for h in pre.hidden_states)
-    prompt = PromptContext(prompt_ids, positions[0, pads[0]:], hidden, embeds, runner.adapter.count_images(inputs))
-    proposer.start(prompt, token, int(next_pos[0]))
-    del pre, prompt, hidden
-    runner.mask.start(pads)
-    history = prompt_ids  # tokens before the root, read by the processors only
+    proposer.start(rows.drafter_context(pre, runner.adapter.count_images(inputs)), token, int(rows.next_pos[0]))
+    del pre
+    runner.mask.start(rows.pads)
+    history = rows.prompt_ids  # tokens before the root, read by the processors only
     root = torch.tensor([token], device=dev)
-    root_pos = next_pos.clone()  # [B] each row's position of the root
+    root_pos = rows.next_pos.clone()  # [B] each row's position of the root
     while True:
         t_step = time.perf_counter()
         drafted_before = proposer.forwards
