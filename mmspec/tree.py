@@ -54,7 +54,9 @@ class DraftTree:
             )
         if self.parents.device.type != "cpu" or self.depths.device.type != "cpu":
             raise InputError("DraftTree.parents and depths live on the CPU (the host walks them during acceptance)")
-        _check_parents(self.parents.tolist())
+        parents = self.parents.tolist()
+        _check_parents(parents)
+        _check_distinct_siblings(parents, self.tokens.tolist())
 
     @property
     def size(self) -> int:
@@ -76,7 +78,6 @@ class DraftTree:
         # op costs microseconds, which a 16-node tree turned into ~0.5 ms a step.
         plist = parents.tolist()
         _check_parents(plist)  # before deriving anything from them
-        _check_distinct_siblings(plist, tokens.reshape(t).tolist())
         depth, anc = [0] * t, [1] * t
         for i in range(1, t):
             p = plist[i]

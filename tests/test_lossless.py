@@ -211,3 +211,39 @@ def test_two_cfg_rows_under_one_tree_equal_the_naive_reference(pipes, family, n_
             events.append(ev)
         assert got == ref, type(proposer).__name__
     assert max(ev.num_accepted for ev in events) >= 4  # the oracle's long paths: cache edits on both rows
+
+
+def test_eager_attention_gets_an_additive_mask(tiny_dir):
+    """Eager attention adds the mask to its scores, so a bool tree mask would be silently ignored; the runner gives it
+    the additive float mask, and a target loaded with eager attention stays token-identical through long paths."""
+    from transformers import AutoModelForImageTextToText
+
+    src = tiny_dir("llava")
+    base = mmspec.load(src, "untrained", device="cpu")
+    eager = AutoModelForImageTextToText.from_pretrained(src, attn_implementation="eager").eval()
+    pipe = mmspec.Pipeline(eager, base.processor, base.adapter, base.drafter, base.tree)
+    assert not pipe.runner.mask.bool_mask and pipe.runner.mask.buf.dtype == torch.float32
+    inputs = pipe.prepare(PROMPT, sample_images(1))
+    ref = reference(pipe, inputs)
+    got, events = run(pipe, OracleProposer(ref, 512), inputs)
+    assert got == ref and max(ev.num_accepted for ev in events) >= 4
+
+
+def test_no_deprecation_noise_from_the_cache_argument(pipes):
+    """The cache goes in under the keyword the installed transformers expects, so users see no FutureWarning."""
+    import warnings
+
+    pipe = pipes("llava")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        pipe.generate(PROMPT, sample_images(1), max_new_tokens=12)
+
+
+def test_uncapturable_input_embeddings_raise(pipes):
+    """The vision adaptor reads what the language model receives as inputs_embeds; a target whose language model is
+    fed token ids instead is refused, not given placeholder embeddings."""
+    from mmspec.target import target_forward
+
+    pipe = pipes("text_llm")  # LlamaForCausalLM: its decoder receives input_ids
+    with pytest.raises(mmspec.UserError, match="inputs_embeds"):
+        target_forward(pipe.target, pipe.prepare(PROMPT), want_hidden=True, want_embeds=True, all_logits=False)

@@ -213,28 +213,33 @@ class Interrupted(Exception):
     pass
 
 
+def run_until_first_checkpoint(monkeypatch, *args, **kwargs) -> None:
+    """train_drafter(*args, **kwargs), stopped right after it writes its first checkpoint."""
+    import mmspec.train as train_mod
+
+    save = train_mod._save_checkpoint
+
+    def save_then_die(*a, **kw):
+        save(*a, **kw)
+        raise Interrupted
+
+    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_die)
+    with pytest.raises(Interrupted):
+        train_drafter(*args, **kwargs)
+    monkeypatch.undo()
+
+
 def test_resumed_run_equals_an_uninterrupted_one(tiny_dir, tmp_path, monkeypatch, caplog):
     """Interrupted right after its step-2 checkpoint and rerun: the same weights, bit for bit, as the run that was
     never interrupted. With 3 batches an epoch and 2 a step, step 2 ends after the first batch of the second epoch, so
     the resumed run must restore that epoch's order and its place in it, the noise generator, AdamW and the schedule."""
-    import mmspec.train as train_mod
-
     data = write_data(tmp_path, n=12)  # 12 conversations, batches of 4: 3 batches an epoch
     cfg = TrainConfig(max_steps=4, batch_size=4, grad_accum=2, lr=3e-3, warmup_steps=1, eval_fraction=0.0,
                       ttt_steps=2, save_every=2)
     target = str(tiny_dir("llava"))
     train_drafter(target, data, tmp_path / "whole", cfg, device="cpu")
 
-    save = train_mod._save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        save(*args, **kwargs)
-        raise Interrupted
-
-    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_die)
-    with pytest.raises(Interrupted):
-        train_drafter(target, data, tmp_path / "resumed", cfg, device="cpu")
-    monkeypatch.undo()
+    run_until_first_checkpoint(monkeypatch, target, data, tmp_path / "resumed", cfg, device="cpu")
     assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["checkpoint"]
     with caplog.at_level("INFO", logger="mmspec.train"):
         m = train_drafter(target, data, tmp_path / "resumed", cfg, device="cpu")
@@ -249,21 +254,10 @@ def test_resumed_run_equals_an_uninterrupted_one(tiny_dir, tmp_path, monkeypatch
 def test_resume_refuses_a_checkpoint_of_another_run(tiny_dir, tmp_path, monkeypatch):
     """Another batch size would make the saved place in the epoch mean something else; a checkpoint whose weights do
     not fit is refused by the strict load; both name the checkpoint."""
-    import mmspec.train as train_mod
-
     data = write_data(tmp_path, n=8)
     cfg = TrainConfig(max_steps=3, batch_size=4, warmup_steps=1, eval_fraction=0.0, ttt_steps=1, save_every=1,
                       vision_adaptor=False)
-    save = train_mod._save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        save(*args, **kwargs)
-        raise Interrupted
-
-    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_die)
-    with pytest.raises(Interrupted):
-        train_drafter(str(tiny_dir("llava")), data, tmp_path / "o", cfg, device="cpu")
-    monkeypatch.undo()
+    run_until_first_checkpoint(monkeypatch, str(tiny_dir("llava")), data, tmp_path / "o", cfg, device="cpu")
     with pytest.raises(InputError, match=r"checkpoint.*different run: batch_size=4 \(now 2\)"):
         train_drafter(str(tiny_dir("llava")), data, tmp_path / "o", replace(cfg, batch_size=2), device="cpu")
     weights = tmp_path / "o" / "checkpoint" / "model.safetensors"

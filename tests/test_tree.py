@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import mmspec
 from mmspec import DraftTree, TreeConfig
 from mmspec.drafter import DraftKV
 from mmspec.proposer import EagleProposer, PromptContext
@@ -47,6 +48,16 @@ def test_random_trees_match_a_plain_ancestor_walk(t):
 def test_invalid_parents_are_refused(parents):
     with pytest.raises(ValueError, match="parent"):
         DraftTree.from_parents(torch.arange(len(parents)), parents)
+
+
+def test_duplicate_siblings_are_refused():
+    """Recursive rejection removes a rejected sibling's token from the residual; a repeat would be tested again against
+    mass it no longer has, so the tree refuses it (cousins may share a token)."""
+    with pytest.raises(mmspec.UserError, match="node 2 repeats token 5 among the children of node 0"):
+        DraftTree.from_parents(torch.tensor([1, 5, 5]), [-1, 0, 0])
+    ok = DraftTree.from_parents(torch.tensor([1, 5, 6, 7, 7]), [-1, 0, 0, 1, 2])
+    with pytest.raises(mmspec.UserError, match="repeats token 7"):
+        DraftTree(ok.tokens, torch.tensor([-1, 0, 0, 1, 1]), ok.depths, ok.mask, ok.paths)  # built by hand
 
 
 def test_frozen_tree_checks_field_shapes():
