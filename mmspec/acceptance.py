@@ -3,7 +3,7 @@
 The sibling recursion in `verify.accept_sampling` is the one place that decides; a rule only answers, for a drafted
 token x at a node whose (residual) target distribution is p, which tokens A(x) it may claim:
 
-- `relaxed_set(target_probs, tokens, neighbours)` -> [N, V] bool, A(x) for each row (always containing x);
+- `relaxed_set(target_probs, token, neighbours)` -> [m] long, A(x) for one row [V] and one drafted token [1], x first;
 - `relaxed_mass(target_probs, tokens, neighbours)` -> [N], the mass p(A(x)) that stands in for p(x) in the test.
 
 After a rejection the residual removes exactly A(x). `Exact` claims A(x) = {x}: standard, lossless speculative sampling.
@@ -24,10 +24,9 @@ class Exact:
 
     relaxed = False  # True for rules that change the output distribution (refused on text targets)
 
-    def relaxed_set(self, target_probs: Tensor, tokens: Tensor, neighbours: Tensor | None = None) -> Tensor:
-        """target_probs [N, V], tokens [N] -> [N, V] bool, True at each row's own token."""
-        members = torch.zeros(target_probs.shape, dtype=torch.bool, device=target_probs.device)
-        return members.scatter_(1, tokens.reshape(-1, 1).to(target_probs.device), True)
+    def relaxed_set(self, target_probs: Tensor, token: Tensor, neighbours: Tensor | None = None) -> Tensor:
+        """target_probs [V], token [1] long -> [1]: the token alone."""
+        return token
 
     def relaxed_mass(self, target_probs: Tensor, tokens: Tensor, neighbours: Tensor | None = None) -> Tensor:
         """target_probs [N, V], tokens [N] -> [N]: p(x)."""

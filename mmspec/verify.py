@@ -113,13 +113,12 @@ def accept_sampling(
     while children[node]:
         left = 1.0  # mass of the residual: the warped rows sum to one
         for c in children[node]:
-            x = tree.tokens[c : c + 1]
-            members = rule.relaxed_set(residual[None], x, neighbours)[0]  # [V] bool, A(x) on this residual
+            members = rule.relaxed_set(residual, tree.tokens[c : c + 1], neighbours)  # [m] A(x) on this residual
             mass = float(residual[members].sum())
             if uniforms[c] * left < mass or mass >= left:  # the second test only absorbs rounding when A(x) is all
                 node = c
                 break
-            residual = residual.masked_fill(members, 0.0)
+            residual = residual.index_fill(0, members, 0.0)
             left -= mass
         else:
             break
