@@ -170,27 +170,33 @@ def run_bench(target: str = "mini-vlm", *, n: int = 8, max_new_tokens: int = 128
     finally:
         hook.remove()
 
+    header = {"target": target, "device": str(base.device), "n_prompts": n, "max_new_tokens": max_new_tokens,
+              "temperature": temperature, "tree": asdict(tree), "dtype": str(base.target.dtype).removeprefix("torch."),
+              "draft_dtype": str(draft_dt).removeprefix("torch.")}
+    report = {**header, "methods": method_rows(results, greedy=temperature == 0)}
+    print_table(report)
+    return report
+
+
+def method_rows(results: dict[str, MethodResult], greedy: bool) -> dict[str, dict]:
+    """The JSON's per-method figures; speedup and lossless against `autoregressive` on the same prompts."""
     ref = results["autoregressive"]
     ref_speed = ref.new_tokens / ref.wall_s
-    report = {"target": target, "device": str(base.device), "n_prompts": n, "max_new_tokens": max_new_tokens,
-              "temperature": temperature, "tree": asdict(tree), "dtype": str(base.target.dtype).removeprefix("torch."),
-              "draft_dtype": str(draft_dt).removeprefix("torch."), "methods": {}}
+    rows = {}
     for m, r in results.items():
         speed = r.new_tokens / r.wall_s
-        report["methods"][m] = {
+        rows[m] = {
             "tokens_per_s": round(speed, 2),
             "mean_accepted": round(r.new_tokens / max(r.target_forwards, 1), 3),
             "speedup": round(speed / ref_speed, 3),
-            "lossless": (r.tokens == ref.tokens) if temperature == 0 else None,
+            "lossless": (r.tokens == ref.tokens) if greedy else None,
             "peak_mem_mb": round(r.peak_mem_mb, 1),
             "new_tokens": r.new_tokens,
             "target_forwards": r.target_forwards,
         }
         if r.split_s:  # where a step's time goes: per target forward, in milliseconds
-            report["methods"][m]["ms_per_step"] = {k: round(1e3 * v / max(r.target_forwards, 1), 3)
-                                                   for k, v in r.split_s.items()}
-    print_table(report)
-    return report
+            rows[m]["ms_per_step"] = {k: round(1e3 * v / max(r.target_forwards, 1), 3) for k, v in r.split_s.items()}
+    return rows
 
 
 def print_table(report: dict) -> None:
