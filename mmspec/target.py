@@ -122,24 +122,26 @@ class TreeMask:
         self.dtype, self.device = dtype, device
         self.attend = True if self.bool_mask else 0.0
         self.blocked = False if self.bool_mask else torch.finfo(dtype).min
-        self.start([0])
+        self.pads = [0]
+        self.buf = self._alloc(64, 1024)
 
     def start(self, pads: list[int]) -> None:
         """A new run whose rows have `pads` left-padding columns each; the buffer is kept when its row count fits."""
-        old, self.pads = getattr(self, "pads", None), list(pads)
-        if old is None or len(old) != len(pads):
+        old, self.pads = self.pads, list(pads)
+        if len(old) != len(pads):
             self.buf = self._alloc(64, 1024)
         elif old != self.pads:
             self.buf[:, :, : max(old)] = self.attend
-            for b, pad in enumerate(self.pads):
-                self.buf[b, :, :pad] = self.blocked
+            self._block_pads(self.buf)
 
-    def _alloc(self, rows: int, cols: int) -> Tensor:
-        dtype = torch.bool if self.bool_mask else self.dtype
-        buf = torch.full((len(self.pads), rows, cols), self.attend, dtype=dtype, device=self.device)
+    def _block_pads(self, buf: Tensor) -> Tensor:
         for b, pad in enumerate(self.pads):
             buf[b, :, :pad] = self.blocked
         return buf
+
+    def _alloc(self, rows: int, cols: int) -> Tensor:
+        dtype = torch.bool if self.bool_mask else self.dtype
+        return self._block_pads(torch.full((len(self.pads), rows, cols), self.attend, dtype=dtype, device=self.device))
 
     def build(self, tree: DraftTree, past: int) -> Tensor:
         t = tree.size
