@@ -7,14 +7,18 @@ from mmspec.errors import InputError
 
 from .base import Adapter, TextAdapter
 from .generic import GenericVLMAdapter
+from .janus import JanusAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, GenericVLMAdapter, TextAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (
+    LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, JanusAdapter, GenericVLMAdapter, TextAdapter
+)
 
 SUPPORTED = "LLaVA 1.5 (llava), LLaVA-NeXT (llava_next), Qwen2-VL / Qwen2.5-VL (qwen2_vl, qwen2_5_vl), other " \
-    "image-text-to-text models with a plain decoder (generic), and text-only causal LMs (text)"
+    "image-text-to-text models with a plain decoder (generic), text-only causal LMs (text), and Janus / Janus-Pro " \
+    "image generation (janus)"
 
 
 def adapter_for(config) -> Adapter:
@@ -24,4 +28,9 @@ def adapter_for(config) -> Adapter:
     raise InputError(f"no mmspec adapter for model type {config.model_type!r}; supported: {SUPPORTED}")
 
 
-__all__ = ["ADAPTERS", "Adapter", "SUPPORTED", "adapter_for"]
+def generates_images(config) -> bool:
+    """True for AR image generators (their drafters draft image codes); never raises for an unknown family."""
+    return any(cls.generates_images and cls.matches(config) for cls in ADAPTERS)
+
+
+__all__ = ["ADAPTERS", "Adapter", "SUPPORTED", "adapter_for", "generates_images"]

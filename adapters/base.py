@@ -36,6 +36,7 @@ class Adapter:
     model_types: tuple[str, ...] = ()
     auto_class: Any = AutoModelForImageTextToText
     multimodal = True
+    generates_images = False  # an AR image generator (mmspec.load returns an ImagePipeline for it)
 
     @classmethod
     def matches(cls, config) -> bool:

@@ -2,9 +2,11 @@
 
     pipe = mmspec.load("mini-vlm")
     res = pipe.generate("Describe the image.", images=["scene.png"])
+    gen = mmspec.load("mini-gen")
+    img = gen.generate_image("a big red circle at the top left", acceptance=mmspec.Lantern(k=8, delta=0.2)).image
 """
 
-from .acceptance import Exact
+from .acceptance import Exact, Lantern, LanternPP
 from .config import SamplingConfig, TreeConfig
 from .drafter import Drafter, DrafterConfig
 from .engine import Stats, StepEvent
@@ -12,6 +14,8 @@ from .errors import UserError
 from .pipeline import GenerationResult, Pipeline, StreamEvent, load
 from .tree import DraftTree
 from .verify import Acceptance, accept_greedy, accept_sampling
+
+from .image_pipeline import ImagePipeline, ImageResult
 
 __version__ = "0.1.0"
 
@@ -21,6 +25,10 @@ __all__ = [
     "Drafter",
     "DrafterConfig",
     "Exact",
+    "ImagePipeline",
+    "ImageResult",
+    "Lantern",
+    "LanternPP",
     "GenerationResult",
     "Pipeline",
     "SamplingConfig",

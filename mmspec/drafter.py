@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .adapters import adapter_for, generates_images
 from .errors import InputError, MissingInputError
 from .vision import VisionAdaptor
 
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "mmspec_drafter.json"
 WEIGHTS_NAME = "model.safetensors"
 FUSIONS = ("last", "multi_layer")
+MODALITIES = ("text", "image")
 
 
 @dataclass(frozen=True)
@@ -48,11 +50,18 @@ class DrafterConfig:
     vision_adaptor: bool = False
     num_queries: int = 2
     image_token_id: int | None = None
+    # "text": drafts the target's text tokens through its token embedding and LM head; "image": drafts an AR image
+    # generator's VQ codes through its code embedding and generation head (Janus family, mmspec.adapters.janus)
+    modality: str = "text"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
             raise InputError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.modality not in MODALITIES:
+            raise InputError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
+        if self.modality == "image" and self.vision_adaptor:
+            raise InputError("an image-code drafter reads no input images: use vision_adaptor=False")
         bad = [i for i in self.feature_layers if not 0 <= i <= self.target_num_layers]
         if bad:
             raise InputError(f"feature_layers {bad} outside the target's 0..{self.target_num_layers} hidden states")
@@ -180,13 +189,16 @@ class Drafter(nn.Module):
         fusion: str = "multi_layer",
         feature_layers: tuple[int, ...] | None = None,
     ) -> "Drafter":
-        """An untrained drafter sized to the target (a transformers model or its config)."""
+        """An untrained drafter sized to the target (a transformers model or its config). For an AR image generator
+        (Janus family) it drafts image codes: modality "image", no vision adaptor."""
         model = model_or_config if isinstance(model_or_config, nn.Module) else None
         config = model.config if model is not None else model_or_config
+        image_gen = generates_images(config)
+        vision_adaptor = vision_adaptor and not image_gen
         image_token_id = next(
             (int(v) for k in ("image_token_id", "image_token_index") if (v := getattr(config, k, None)) is not None), None
         )
-        if vision_adaptor and image_token_id is None:
+        if vision_adaptor and image_token_id is None and not image_gen:
             raise InputError(
                 f"vision_adaptor=True needs a target with an image token; {config.model_type!r} has none "
                 f"(use vision_adaptor=False for text-only targets)"
@@ -200,7 +212,7 @@ class Drafter(nn.Module):
             num_attention_heads=heads,
             num_key_value_heads=getattr(tc, "num_key_value_heads", None) or heads,
             head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
-            vocab_size=tc.vocab_size,
+            vocab_size=int(config.vq_config.num_embeddings) if image_gen else tc.vocab_size,
             target_num_layers=n_layers,
             feature_layers=tuple(feature_layers or default_feature_layers(n_layers, fusion)),
             fusion=fusion,
@@ -209,7 +221,8 @@ class Drafter(nn.Module):
             target_model_type=config.model_type,
             vision_adaptor=vision_adaptor,
             num_queries=num_queries,
-            image_token_id=image_token_id,
+            image_token_id=None if image_gen else image_token_id,
+            modality="image" if image_gen else "text",
         )
         drafter = cls(config_obj)
         if model is not None:
@@ -221,7 +234,11 @@ class Drafter(nn.Module):
         problems = self.mismatches(target.config)
         if problems:
             raise InputError("drafter does not match the target: " + "; ".join(problems))
-        self._shared = (target.get_input_embeddings(), target.get_output_embeddings())
+        if self.config.modality == "image":
+            adapter = adapter_for(target.config)
+            self._shared = (adapter.code_embedding(target), adapter.code_head(target))
+        else:
+            self._shared = (target.get_input_embeddings(), target.get_output_embeddings())
         return self
 
     def mismatches(self, target_config) -> list[str]:
@@ -229,8 +246,13 @@ class Drafter(nn.Module):
         out = []
         if c.hidden_size != tc.hidden_size:
             out.append(f"hidden size {c.hidden_size} vs target {tc.hidden_size}")
-        if c.vocab_size != tc.vocab_size:
-            out.append(f"vocabulary {c.vocab_size} vs target {tc.vocab_size}")
+        image_gen = generates_images(target_config)
+        vocab = int(target_config.vq_config.num_embeddings) if image_gen else tc.vocab_size
+        if c.vocab_size != vocab:
+            out.append(f"vocabulary {c.vocab_size} vs target {vocab}")
+        if (c.modality == "image") != image_gen:
+            what = "an image generator's codes" if c.modality == "image" else "text tokens"
+            out.append(f"drafts {what}, the target {'generates images' if image_gen else 'generates text'}")
         if c.target_num_layers != tc.num_hidden_layers:
             out.append(f"built for a {c.target_num_layers}-layer target, this one has {tc.num_hidden_layers} layers")
         if c.target_model_type and c.target_model_type != target_config.model_type:
@@ -372,4 +394,4 @@ class Drafter(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         """[..., H] predicted features -> [..., V] draft logits through the target's LM head."""
         head = self.lm_head
-        return head(self.norm(hidden).to(head.weight.dtype))
+        return head(self.norm(hidden).to(next(head.parameters()).dtype))

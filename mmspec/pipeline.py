@@ -16,6 +16,7 @@ from .config import SamplingConfig, TreeConfig, check_max_new_tokens
 from .drafter import Drafter
 from .engine import Stats, StepEvent, decode
 from .errors import InputError, InputTypeError
+from .image_pipeline import ImagePipeline
 from .images import cast_pixels, load_images
 from .processing import NodeProcessor, check_generation_config
 from .proposer import EagleProposer, NullProposer
@@ -52,7 +53,8 @@ def load(
     draft_dtype: torch.dtype | str | None = None,
     generation_config: GenerationConfig | None = None,
 ) -> "Pipeline":
-    """Load a target (and its drafter) ready for speculative decoding.
+    """Load a target (and its drafter) ready for speculative decoding: a Pipeline for text and VLM targets, an
+    ImagePipeline (generate_image / stream_image) for AR image generators (Janus family, mini-gen).
 
     drafter: None -> the drafter shipped with a built-in target; a directory from Drafter.save_pretrained; a built-in
     drafter name; a Drafter instance; or "untrained" (random init, for experiments). device_map="auto" shards a large
@@ -74,6 +76,12 @@ def load(
     model, processor, adapter = load_target(target, device=device, dtype=dtype, device_map=device_map)
     target_name = str(target)
     builtin = target_name in BUILTIN_TARGETS
+    if adapter.generates_images:
+        if generation_config is not None:
+            raise InputError("generation_config applies to text generation; an image generator takes guidance_scale, "
+                             "temperature, top_k and top_p in generate_image")
+        return ImagePipeline(model, processor, adapter, _load_drafter(drafter, model, target_name, builtin,
+                                                                         draft_dtype), tree)
     pipe_config = generation_config if generation_config is not None else model.generation_config
     check_generation_config(pipe_config)  # before the drafter loads: a refusal should cost nothing
     drafter_obj = _load_drafter(drafter, model, target_name, builtin, draft_dtype)

@@ -54,7 +54,11 @@ def build_pairs(
     dev = tokens.device
     if drafter.vision is None:
         keep = torch.arange(1, tokens.numel(), device=dev)
-        return Pairs(feats, tokens[1:], positions[1:]), keep, None
+        embeds = None
+        if drafter.config.modality == "image":  # text prompt, then codes: each through the target's own embedding
+            n = tokens.numel() - 1
+            embeds = torch.cat([input_embeds[1:n].to(feats.dtype), drafter.embed_tokens(tokens[n:]).to(feats.dtype)])
+        return Pairs(feats, tokens[1:], positions[1:], embeds), keep, None
     plan = plan_compression(tokens, drafter.config.image_token_id, drafter.vision.num_queries, n_images)
     keep = plan.keep.to(dev)
     kept_tokens = tokens[keep]
@@ -113,7 +117,8 @@ class EagleProposer:
 
     @property
     def needs_embeds(self) -> bool:
-        return self.drafter.vision is not None
+        """The drafter reads the prompt's input embeddings: image slots (ViSpec) or a text prompt before image codes."""
+        return self.drafter.vision is not None or self.drafter.config.modality == "image"
 
     def start(self, prompt: PromptContext, first_token: int, first_pos: int) -> None:
         self.kv = DraftKV()

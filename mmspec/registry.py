@@ -11,9 +11,9 @@ MODELS_DIR = Path(__file__).parent / "models"
 REBUILD = "python -m mmspec.data_tools.build_minis"
 
 # target name -> its default drafter
-BUILTIN_TARGETS = {"mini-vlm": "mini-vlm-vispec"}
+BUILTIN_TARGETS = {"mini-vlm": "mini-vlm-vispec", "mini-gen": "mini-gen-drafter"}
 # drafter name -> the target it was trained for
-BUILTIN_DRAFTERS = {"mini-vlm-vispec": "mini-vlm", "mini-vlm-eagle": "mini-vlm"}
+BUILTIN_DRAFTERS = {"mini-vlm-vispec": "mini-vlm", "mini-vlm-eagle": "mini-vlm", "mini-gen-drafter": "mini-gen"}
 BUILTIN_ASSISTANTS = {"mini-vlm-assistant": "mini-vlm"}
 
 

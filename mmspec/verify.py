@@ -72,6 +72,22 @@ def accept_greedy(tree: DraftTree, target_logits: Tensor) -> Acceptance:
     tokens, pred = both[0], both[1]
     correct = torch.ones_like(tokens, dtype=torch.bool)
     correct[1:] = tokens[1:] == pred[tree.parents[1:]]
+    return _longest(tree, tokens, correct, pred)
+
+
+def accept_relaxed_greedy(tree: DraftTree, target_logits: Tensor, rule, neighbours: Tensor) -> Acceptance:
+    """Greedy decoding under a relaxed rule: a drafted x is correct when its relaxed mass on its parent's softmax is at
+    least the top probability there, p~(x) >= max p; the bonus is the target's argmax. delta = 0 gives accept_greedy."""
+    probs = target_logits.float().softmax(dim=-1)  # [T, V]
+    parents = tree.parents[1:].to(probs.device)
+    rows = probs[parents]  # [T - 1, V] each drafted node's parent row
+    wins = rule.relaxed_mass(rows, tree.tokens[1:], neighbours) >= rows.max(dim=-1).values
+    correct = torch.cat([wins.new_ones(1), wins]).cpu()
+    return _longest(tree, tree.tokens.cpu(), correct, probs.argmax(dim=-1).cpu())
+
+
+def _longest(tree: DraftTree, tokens: Tensor, correct: Tensor, pred: Tensor) -> Acceptance:
+    """tokens, correct (per node, root True), pred (argmax per node) on CPU -> the longest all-correct path + bonus."""
     paths = tree.paths
     ok = torch.where(paths >= 0, correct[paths.clamp(min=0)], torch.zeros((), dtype=torch.bool))
     lengths = ok.long().cumprod(dim=1).sum(dim=1)  # nodes on the path accepted so far, root included
@@ -140,5 +156,5 @@ def acceptor(rule, sampling: SamplingConfig, generator: torch.Generator | None, 
     if sampling.greedy and not rule.relaxed:
         return accept_greedy
     if sampling.greedy:
-        raise InputError(f"{type(rule).__name__} acceptance needs temperature > 0 here; use mmspec.Exact() at temperature 0")
+        return partial(accept_relaxed_greedy, rule=rule, neighbours=neighbours)
     return partial(accept_sampling, sampling=sampling, generator=generator, rule=rule, neighbours=neighbours)

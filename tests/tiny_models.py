@@ -15,6 +15,7 @@ Families and the transformers classes they use:
                   its image spans are not contiguous runs of one token: each patch row of ``[IMG]`` tokens ends
                   with ``[IMG_BREAK]`` and the image with ``[IMG_END]``, which exercises span handling.
 - ``text_llm``    LlamaForCausalLM with a chat-template tokenizer.
+- ``janus``       JanusForConditionalGeneration (image generation: 16 VQ codes per image), JanusProcessor
 
 The tokenizer is a byte-level BPE trained at build time with the ``tokenizers`` library on a fixed English word
 list (deterministic, any text encodes, 512 ids), wrapped in ``Qwen2Tokenizer`` for the Qwen families and in the
@@ -36,6 +37,7 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "generic_vlm", "text_llm")
+IMAGE_FAMILIES = ("janus",)  # AR image generators (ImagePipeline), kept apart: the VLM tests run over FAMILIES
 
 VOCAB_SIZE = 512
 HIDDEN = 64
@@ -58,6 +60,7 @@ IMAGE_PLACEHOLDER = {
     "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
     "generic_vlm": "[IMG]",
     "text_llm": "",
+    "janus": "<image_placeholder>",
 }
 FAMILY_SPECIAL_TOKENS = {
     "llava": ("<image>",),
@@ -66,7 +69,10 @@ FAMILY_SPECIAL_TOKENS = {
     "qwen2_5_vl": ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"),
     "generic_vlm": ("[IMG]", "[IMG_BREAK]", "[IMG_END]"),
     "text_llm": (),
+    "janus": ("<image_placeholder>", "<begin_of_image>", "<end_of_image>"),
 }
+# Janus's processor reads these tokenizer attributes (transformers' extra_special_tokens)
+JANUS_EXTRA = {"image_token": "<image_placeholder>", "boi_token": "<begin_of_image>", "eoi_token": "<end_of_image>"}
 
 _WORDS = """
 the a an of to in on at by for with from and or but not no yes is are was were be been being has have had do does
@@ -143,6 +149,8 @@ def build_tokenizer(family: str):
             {"additional_special_tokens": [AddedToken(t, special=True, normalized=False) for t in extra]}
         )
     else:
+        if family == "janus":
+            common["extra_special_tokens"] = JANUS_EXTRA
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, **common)
         tokenizer.add_special_tokens(
             {"additional_special_tokens": [AddedToken(t, special=True, normalized=False) for t in extra]}
@@ -324,10 +332,42 @@ def _build_llama(tokenizer):
     return LlamaForCausalLM(LlamaConfig(**_text_kwargs(tokenizer))), tokenizer
 
 
+def _build_janus(tokenizer):
+    """Janus in both modes, tiny: 16 px images in 4 px patches, so an image is 4 x 4 = 16 VQ codes of a 64-entry
+    codebook (downsample 4: two VQ levels); the understanding tower is as small as the config allows."""
+    from transformers import (
+        JanusConfig,
+        JanusForConditionalGeneration,
+        JanusImageProcessor,
+        JanusProcessor,
+        JanusVisionConfig,
+        JanusVQVAEConfig,
+        LlamaConfig,
+    )
+
+    image_px, patch = 16, 4
+    n_codes = (image_px // patch) ** 2
+    vision = JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=image_px,
+                               patch_size=patch, projection_dim=HIDDEN, num_image_tokens=n_codes)
+    vq = JanusVQVAEConfig(embed_dim=8, num_embeddings=64, base_channels=32, channel_multiplier=[1, 1, 2],
+                          num_res_blocks=1, latent_channels=32, projection_dim=HIDDEN, image_token_embed_dim=HIDDEN)
+    text = LlamaConfig(**_text_kwargs(tokenizer))
+    config = JanusConfig(text_config=text, vision_config=vision, vq_config=vq,
+                         image_token_id=tokenizer.convert_tokens_to_ids("<image_placeholder>"))
+    model = JanusForConditionalGeneration(config)
+    with torch.no_grad():  # a random generation head at the usual init is near-uniform; widen it like the LM's
+        model.model.generation_head.vision_head.weight.normal_(0.0, LM_INIT_STD)
+    image_processor = JanusImageProcessor(size={"height": image_px, "width": image_px})
+    processor = JanusProcessor(image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=n_codes,
+                               chat_template=tokenizer.chat_template)
+    model.generation_config.generation_kwargs = {"boi_token_id": tokenizer.convert_tokens_to_ids("<begin_of_image>")}
+    return model, processor
+
+
 def build_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Build a tiny random-weight model of `family` with its processor and save both into `out_dir`."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    if family not in FAMILIES + IMAGE_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES + IMAGE_FAMILIES}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(family)
@@ -338,6 +378,8 @@ def build_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
         model, processor = _build_qwen(tokenizer, v25=family == "qwen2_5_vl")
     elif family == "generic_vlm":
         model, processor = _build_mistral3(tokenizer)
+    elif family == "janus":
+        model, processor = _build_janus(tokenizer)
     else:
         model, processor = _build_llama(tokenizer)
     model.set_attn_implementation("sdpa")

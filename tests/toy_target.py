@@ -142,7 +142,9 @@ def engine_draws(job) -> tuple[dict, int]:
     from mmspec.target import TargetRunner
     from mmspec.verify import acceptor
 
-    parents, sampling, scale, rows, new, n, seed = job
+    parents, sampling, scale, rows, new, n, seed, *rule_and_table = job  # optional: an acceptance rule, neighbours
+    rule = rule_and_table[0] if rule_and_table else Exact()
+    neighbours = rule_and_table[1] if len(rule_and_table) > 1 else None
     torch.set_num_threads(1)  # tiny tensors: a second thread only adds synchronisation
     model = ToyLM(vocab=5)
     vocab = model.head.weight.shape[0]
@@ -151,7 +153,7 @@ def engine_draws(job) -> tuple[dict, int]:
               "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
     ranking = model(torch.arange(vocab)[:, None], use_cache=False).logits[:, -1].argsort(-1, descending=True).tolist()
     runner = TargetRunner(model, TextAdapter())
-    accept = acceptor(Exact(), SamplingConfig(**sampling), torch.Generator().manual_seed(seed))
+    accept = acceptor(rule, SamplingConfig(**sampling), torch.Generator().manual_seed(seed), neighbours)
     combine = first_row if scale is None else guidance(scale)
     counts: dict[tuple[int, ...], int] = {}
     accepted = 0

@@ -1,0 +1,203 @@
+"""Image generation: `mmspec.load("mini-gen")` -> ImagePipeline with prepare / generate_image / stream_image.
+
+The target is an AR image generator (Janus family): it writes an image as N VQ codes in raster order, each one forward
+of its decoder, with classifier-free guidance over a cond and an uncond row. Here both rows are verified with one draft
+tree per forward (engine.decode with `guidance(scale)`), the drafter reads the cond row, and the acceptance rule is a
+parameter: `Exact()` is lossless, `Lantern` / `LanternPP` accept a drafted code also for the target mass of its nearest
+codes in the VQ latent space (Jang et al., ICLR 2025; Park et al., 2025), within the rule's bound.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from PIL import Image
+from torch import Tensor
+from transformers import BatchFeature, LogitsProcessorList
+
+from .acceptance import EXACT, Exact, check_rule
+from .config import SamplingConfig, TreeConfig
+from .drafter import Drafter
+from .engine import Stats, StepEvent, decode, first_row, guidance
+from .errors import InputError, InputTypeError
+from .image_target import ImageRunner
+from .proposer import EagleProposer, NullProposer
+from .verify import acceptor
+
+logger = logging.getLogger(__name__)
+
+NEIGHBOURS_K = 64  # columns of the neighbour table computed once per target; a rule may read up to this many
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    image: Image.Image  # decoded by the target's own VQ decoder
+    token_ids: list[int]  # the image's VQ codes, raster order
+    stats: Stats
+
+
+@dataclass(frozen=True)
+class ImageStreamEvent:
+    token_ids: tuple[int, ...]  # codes committed by this step
+    num_accepted: int  # drafted codes the target accepted this step
+    image: Image.Image | None  # the rows decoded so far when this step completed a row, else None
+    stats: Stats  # running totals
+
+
+@torch.no_grad()
+def neighbour_table(codebook: Tensor, k: int, chunk: int = 1024) -> Tensor:
+    """codebook [V, D] in the VQ's geometry (rows l2-normalised: cosine) -> [V, k] long: each code's k nearest other
+    codes, nearest first, itself excluded. Row chunks keep a 16k-entry codebook's similarity matrix out of memory."""
+    v = codebook.shape[0]
+    if not 1 <= k < v:
+        raise InputError(f"k={k} neighbours asked of a {v}-code codebook; k must be between 1 and {v - 1}")
+    out = []
+    for start in range(0, v, chunk):
+        sim = codebook[start : start + chunk] @ codebook.T  # [c, V]
+        sim[torch.arange(sim.shape[0]), torch.arange(start, start + sim.shape[0])] = float("-inf")
+        out.append(sim.topk(k, dim=-1).indices)
+    return torch.cat(out)
+
+
+def check_guidance(scale: object) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0:
+        raise InputError(f"guidance_scale must be a number >= 0 (1 = no guidance, Janus uses 5), got {scale!r}")
+    return float(scale)
+
+
+class ImagePipeline:
+    def __init__(self, target, processor, adapter, drafter: Drafter | None, tree: TreeConfig) -> None:
+        self.target = target
+        self.processor = processor
+        self.adapter = adapter
+        self.drafter = drafter
+        self.tree = tree
+        self.runner = ImageRunner(target, adapter)
+        self.device = self.runner.device
+        gc = target.generation_config
+        if gc.bos_token_id is None or gc.pad_token_id is None:
+            raise InputError("the target's generation_config needs bos_token_id and pad_token_id (Janus builds the "
+                             "unconditional row from them)")
+        self.special = (int(gc.bos_token_id), adapter.boi_token_id(processor), int(gc.pad_token_id))
+        self._refuse_processors()
+        self._tables: dict[int, Tensor] = {}
+
+    def _refuse_processors(self) -> None:
+        """Janus's image generate runs the generation_config's logits processors against the prompt ids only; mmspec
+        does not reproduce that, so a config that would add any (repetition_penalty, ...) is refused."""
+        gc = copy.deepcopy(self.target.generation_config)
+        gc.do_sample, gc.guidance_scale = False, None
+        procs = self.target._get_logits_processor(
+            generation_config=gc, input_ids_seq_length=1, encoder_input_ids=torch.zeros(1, 1, dtype=torch.long),
+            prefix_allowed_tokens_fn=None, logits_processor=LogitsProcessorList(), device=self.device)
+        if len(procs):
+            names = ", ".join(type(p).__name__ for p in procs)
+            raise InputError(f"the target's generation_config sets logits processors ({names}) that mmspec does not "
+                             f"apply to image codes; reset those fields in generation_config.json")
+
+    # ---- inputs and tables ---------------------------------------------------------------------------------------
+    def prepare(self, prompt: str) -> BatchFeature:
+        """Exactly what the target's own image generate takes: the chat template plus `<begin_of_image>`, one row."""
+        if not isinstance(prompt, (str, list)):
+            raise InputTypeError(f"prompt must be a string, got {type(prompt).__name__}")
+        if isinstance(prompt, str) and not prompt.strip():
+            raise InputError("the prompt is empty; describe the image to generate")
+        return self.adapter.prepare(self.processor, prompt, []).to(self.device)
+
+    @property
+    def neighbours(self) -> Tensor:
+        """[codebook_size, k] long: each code's nearest other codes in the VQ's geometry, nearest first."""
+        return self.neighbours_for(min(NEIGHBOURS_K, self.codebook_size - 1))
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.adapter.codebook(self.target).shape[0])
+
+    def neighbours_for(self, k: int) -> Tensor:
+        width = max([k] + [w for w in self._tables])
+        if width not in self._tables:
+            self._tables = {width: neighbour_table(self.adapter.codebook(self.target), width).to(self.device)}
+        return self._tables[width]
+
+    @property
+    def boi_token_id(self) -> int:
+        """Janus's `<begin_of_image>` id; set `generation_config.generation_kwargs = {"boi_token_id": ...}` to it
+        before calling the target's own generate on a reloaded checkpoint (from_pretrained drops it)."""
+        return self.special[1]
+
+    # ---- generation ----------------------------------------------------------------------------------------------
+    def _events(self, prompt: str, guidance_scale: float = 5.0, temperature: float = 1.0, top_k: int = 0,
+                top_p: float = 1.0, seed: int | None = None, acceptance: Exact = EXACT,
+                speculative: bool = True) -> Iterator[StepEvent]:
+        scale = check_guidance(guidance_scale)
+        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+        rule = check_rule(acceptance)
+        if speculative and self.drafter is None:
+            raise InputError("speculative=True needs a drafter; load one or pass speculative=False")
+        neighbours = self.neighbours_for(rule.k) if rule.relaxed else None
+        inputs = self.prepare(prompt)
+        n_codes = self.adapter.num_codes(self.target)
+        ctx = self.runner.max_context
+        if ctx and inputs["input_ids"].shape[1] + n_codes > ctx:
+            raise InputError(f"the prompt ({inputs['input_ids'].shape[1]} tokens) plus {n_codes} image codes exceeds "
+                             f"the target's context of {ctx}; shorten the prompt")
+        # scale 1 is the cond row alone: the uncond row would be computed and multiplied by zero
+        rows = inputs if scale == 1.0 else self.adapter.guidance_rows(inputs, *self.special)
+        generator = torch.Generator(device=self.device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(int(seed))
+        use_tree = speculative and self.tree.total_tokens > 1
+        proposer = EagleProposer(self.drafter, self.tree) if use_tree else NullProposer()
+        accept = acceptor(rule, sampling, generator, neighbours)
+        combine = first_row if scale == 1.0 else guidance(scale)
+        return decode(self.runner, proposer, rows, accept, n_codes, frozenset(), None, combine)
+
+    def stream_image(self, prompt: str, **kwargs) -> Iterator[ImageStreamEvent]:
+        """One event per verify step; `image` shows the rows completed so far whenever a step completes one (the rest
+        of the picture gray). Keyword arguments as for `generate_image`."""
+        codes: list[int] = []
+        grid, n_codes = self.adapter.grid(self.target), self.adapter.num_codes(self.target)
+        rows_shown = 0
+        for ev in self._events(prompt, **kwargs):
+            codes.extend(ev.token_ids)
+            image = None
+            if len(codes) // grid > rows_shown:
+                rows_shown = len(codes) // grid
+                image = self.image_of(codes) if len(codes) == n_codes else self._partial(codes, rows_shown, grid)
+            yield ImageStreamEvent(ev.token_ids, ev.num_accepted, image, ev.stats)
+
+    def generate_image(self, prompt: str, *, guidance_scale: float = 5.0, temperature: float = 1.0, top_k: int = 0,
+                       top_p: float = 1.0, seed: int | None = None, acceptance: Exact = EXACT,
+                       speculative: bool = True) -> ImageResult:
+        """Generate one image. `Exact()` at temperature 0 gives the codes of the target's own greedy CFG generate
+        (`generate(**prepare(p), generation_mode="image", do_sample=False, guidance_scale=s)`), above it the target's
+        distribution; a relaxed rule moves each code's distribution by at most its bound."""
+        codes: list[int] = []
+        stats = Stats()
+        for ev in self._events(prompt, guidance_scale, temperature, top_k, top_p, seed, acceptance, speculative):
+            codes.extend(ev.token_ids)
+            stats = ev.stats
+        return ImageResult(self.image_of(codes), codes, stats)
+
+    # ---- decoding ------------------------------------------------------------------------------------------------
+    def image_of(self, codes: list[int] | Tensor) -> Image.Image:
+        """A full image's codes -> the picture, by the target's own VQ decoder."""
+        return self.adapter.decode_image(self.target, self.processor, torch.as_tensor(codes, device=self.device))
+
+    def _partial(self, codes: list[int], rows: int, grid: int) -> Image.Image:
+        """The first `rows` code rows decoded (the missing codes repeat the last row, so the decoder sees a plausible
+        continuation at the seam), everything below them gray."""
+        n = rows * grid
+        last_row = codes[n - grid : n]
+        full = codes[:n] + last_row * (grid - rows)
+        image = self.image_of(full)
+        cut = image.height * rows // grid
+        gray = Image.new("RGB", (image.width, image.height - cut), (128, 128, 128))
+        image.paste(gray, (0, cut))
+        return image

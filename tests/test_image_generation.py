@@ -1,0 +1,146 @@
+"""Image generation on tiny random-weight Janus checkpoints (layer 2): the exact rule's greedy codes equal the target's
+own `generate(generation_mode="image")`, through the plain loop, an untrained drafter and an oracle that gets long
+paths accepted; Lantern(delta=0) equals Exact under one seed; streaming, drafters and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mmspec
+from mmspec import DraftTree, Exact, Lantern, UserError
+from mmspec.engine import decode, guidance
+from mmspec.verify import accept_greedy
+
+PROMPTS = ["a big red circle", "two small blue squares at the top left"]
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_dir):
+    return mmspec.load(tiny_dir("janus"), drafter="untrained", device="cpu")
+
+
+def reference(pipe, prompt: str, scale: float) -> list[int]:
+    model = pipe.target
+    model.generation_config.generation_kwargs = {"boi_token_id": pipe.boi_token_id}  # from_pretrained drops it
+    return model.generate(**pipe.prepare(prompt), generation_mode="image", do_sample=False, guidance_scale=scale)[0].tolist()
+
+
+class Oracle:
+    """Proposes the next reference codes as a chain, with a wrong first sibling at depth 1: long accepted paths through
+    the sibling recursion, the rows' cache edits and positions."""
+
+    needs_features = False
+    forwards = 0
+
+    def __init__(self, codes: list[int], prompt_len: int, vocab: int) -> None:
+        self.codes, self.prompt_len, self.vocab = codes, prompt_len, vocab
+
+    def start(self, prompt, first_token, first_pos):
+        pass
+
+    def propose(self, root, root_pos):
+        i = root_pos - self.prompt_len + 1  # index of the code after the root
+        chain = self.codes[i : i + 4]
+        if not chain:
+            return DraftTree.from_parents(root.reshape(1), [-1])
+        wrong = (chain[0] + 1) % self.vocab
+        tokens = [int(root), wrong] + chain
+        parents = [-1, 0, 0] + list(range(2, 2 + len(chain) - 1))
+        return DraftTree.from_parents(torch.tensor(tokens), parents)
+
+    def commit(self, tree, acceptance, hidden_states):
+        pass
+
+
+@pytest.mark.parametrize("scale", [5.0, 2.0])
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_exact_greedy_equals_janus_generate(pipe, prompt, scale):
+    ref = reference(pipe, prompt, scale)
+    assert len(ref) == 16
+    for speculative in (False, True):
+        res = pipe.generate_image(prompt, guidance_scale=scale, temperature=0.0, speculative=speculative)
+        assert res.token_ids == ref
+        assert res.image.size == (16, 16)
+    inputs = pipe.prepare(prompt)
+    rows = pipe.adapter.guidance_rows(inputs, *pipe.special)
+    oracle = Oracle(ref, inputs["input_ids"].shape[1], pipe.codebook_size)
+    codes, accepted = [], 0
+    for ev in decode(pipe.runner, oracle, rows, accept_greedy, 16, frozenset(), None, guidance(scale)):
+        codes.extend(ev.token_ids)
+        accepted += ev.num_accepted
+    assert codes == ref
+    assert accepted >= 10  # most codes came from accepted drafts: the tree path was really exercised
+
+
+def test_guidance_one_is_the_cond_row_alone(pipe):
+    """Scale 1 runs one row; the codes equal a plain greedy loop over the cond row's generation head."""
+    model, inputs = pipe.target, pipe.prepare(PROMPTS[0])
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    lm, codes = model.model.language_model, []
+    with torch.no_grad():
+        for _ in range(16):
+            hidden = lm(inputs_embeds=embeds).last_hidden_state[:, -1]
+            codes.append(int(model.model.generation_head(hidden).argmax(-1)))
+            embeds = torch.cat([embeds, model.prepare_embeddings_for_image_generation(torch.tensor([[codes[-1]]]))], 1)
+    assert pipe.generate_image(PROMPTS[0], guidance_scale=1.0, temperature=0.0).token_ids == codes
+
+
+def test_lantern_delta_zero_is_exact_under_one_seed(pipe):
+    for seed in (0, 1):
+        exact = pipe.generate_image(PROMPTS[1], temperature=1.0, seed=seed, acceptance=Exact())
+        lantern = pipe.generate_image(PROMPTS[1], temperature=1.0, seed=seed, acceptance=Lantern(k=4, delta=0.0))
+        assert lantern.token_ids == exact.token_ids
+    greedy = pipe.generate_image(PROMPTS[1], temperature=0.0, acceptance=Lantern(k=4, delta=0.0))
+    assert greedy.token_ids == reference(pipe, PROMPTS[1], 5.0)
+
+
+def test_seeded_sampling_is_deterministic_and_seeds_differ(pipe):
+    a = pipe.generate_image(PROMPTS[0], seed=3, acceptance=Lantern(k=4, delta=0.2)).token_ids
+    b = pipe.generate_image(PROMPTS[0], seed=3, acceptance=Lantern(k=4, delta=0.2)).token_ids
+    c = pipe.generate_image(PROMPTS[0], seed=4, acceptance=Lantern(k=4, delta=0.2)).token_ids
+    assert a == b and a != c
+
+
+def test_stream_grows_row_by_row_and_ends_with_the_image(pipe):
+    events = list(pipe.stream_image(PROMPTS[0], seed=5))
+    codes = [c for ev in events for c in ev.token_ids]
+    final = pipe.generate_image(PROMPTS[0], seed=5)
+    assert codes == final.token_ids
+    shown = [ev.image for ev in events if ev.image is not None]
+    assert len(shown) == 4  # one picture per completed row of the 4 x 4 grid
+    assert shown[-1].tobytes() == final.image.tobytes()
+    assert shown[0].getpixel((8, 15)) == (128, 128, 128)  # rows not generated yet are gray
+
+
+def test_neighbours_table(pipe):
+    table = pipe.neighbours
+    assert table.shape == (64, 63) and table.dtype == torch.long
+    assert not (table == torch.arange(64)[:, None]).any()
+
+
+def test_image_drafter_round_trip(pipe, tmp_path):
+    assert pipe.drafter.config.modality == "image" and pipe.drafter.config.vocab_size == 64
+    pipe.drafter.save_pretrained(tmp_path / "d")
+    again = mmspec.load(pipe.target.name_or_path, drafter=tmp_path / "d", device="cpu")
+    assert again.generate_image(PROMPTS[0], temperature=0.0).token_ids == reference(pipe, PROMPTS[0], 5.0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(guidance_scale=-1.0), "guidance_scale"),
+    (dict(acceptance=Lantern(k=64, delta=0.1)), "between 1 and 63"),
+    (dict(acceptance="lantern"), "acceptance rule"),
+    (dict(temperature=-1.0), "temperature"),
+])
+def test_bad_arguments_are_named(pipe, kwargs, match):
+    with pytest.raises(UserError, match=match):
+        pipe.generate_image(PROMPTS[0], **kwargs)
+
+
+def test_text_drafter_and_text_target_mismatches(pipe, tiny_dir):
+    text_drafter = mmspec.Drafter.for_target(mmspec.load(tiny_dir("llava"), drafter="untrained", device="cpu").target)
+    with pytest.raises(UserError, match="drafter does not match"):
+        mmspec.load(tiny_dir("janus"), drafter=text_drafter, device="cpu")
+    vlm = mmspec.load(tiny_dir("llava"), drafter="untrained", device="cpu")
+    with pytest.raises(UserError, match="text target takes only"):
+        vlm.generate("hi", acceptance=Lantern(k=2, delta=0.1))
