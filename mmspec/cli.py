@@ -14,7 +14,8 @@ from .errors import InputError, UserError
 
 # Only bad input becomes the one-line, exit-2 error; anything else is a bug and keeps its traceback.
 USER_ERRORS = (UserError,)
-COMPARE_ROUNDS = 3  # --compare: timed runs of each method, alternating; the best of each is reported
+COMPARE_ROUNDS = 3
+IMAGE_TARGETS = ("mini-gen",)  # built-in image generators: `mmspec bench` runs the image bench on them  # --compare: timed runs of each method, alternating; the best of each is reported
 
 
 class Parser(argparse.ArgumentParser):
@@ -76,7 +77,11 @@ def build_parser() -> Parser:
     _add_model_args(bench, drafter=False)
     bench.add_argument("--n", type=_positive_int, default=8, help="number of held-out prompts")
     bench.add_argument("--max-new-tokens", type=_positive_int, default=128)
-    bench.add_argument("--temperature", type=_nonneg_float, default=0.0)
+    bench.add_argument("--temperature", type=_nonneg_float, default=None, help="default 0 (VLMs), 1 (image generators)")
+    bench.add_argument("--guidance-scale", type=float, default=5.0, help="image generators: the CFG scale")
+    bench.add_argument("--no-sweep", dest="sweep", action="store_false", help="image generators: skip the LANTERN sweep")
+    bench.add_argument("--no-quality", dest="quality", action="store_false",
+                       help="image generators: skip faithfulness / CLIP / FID (speed only)")
     bench.add_argument("--methods", default=None, help="comma-separated subset of methods to run")
     bench.add_argument("--seed", type=int, default=0, help="sampling seed of the first prompt (prompt k: seed + k)")
     bench.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -102,6 +107,23 @@ def build_parser() -> Parser:
     tr.add_argument("--teacher-cache-gb", type=_nonneg_float, default=2.0,
                     help="host memory for the target's signals, reused across epochs (0: recompute every time)")
     tr.add_argument("--device", default=None, help="cpu or cuda (default: what accelerate picks)")
+
+    gen = sub.add_parser("generate-image", help="generate an image with an AR image generator (Janus family)")
+    gen.add_argument("prompt")
+    gen.add_argument("--out", type=Path, required=True, help="image file to write (.png, .jpg, ...)")
+    _add_model_args(gen)
+    gen.set_defaults(target="mini-gen")
+    gen.add_argument("--acceptance", choices=sorted(RULES), default="exact")
+    gen.add_argument("--lantern-k", type=_positive_int, default=None, help="neighbours per drafted code (default 8)")
+    gen.add_argument("--lantern-delta", type=float, default=None, help="LANTERN's total-variation bound (default 0.2)")
+    gen.add_argument("--lantern-lam", type=float, default=None, help="LANTERN++'s cap p~(x) <= lam p(x) (default 2)")
+    gen.add_argument("--guidance-scale", type=float, default=5.0)
+    gen.add_argument("--temperature", type=_nonneg_float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--compare", action="store_true", help="also generate without drafting and print both speeds")
+    gen.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
     ex = sub.add_parser("export-drafter", help="write a drafter in another engine's checkpoint layout")
     ex.add_argument("drafter", type=Path)
@@ -167,15 +189,89 @@ def _timed_runs(pipe, prompt, images, kw: dict, modes: tuple, rounds: int) -> di
     return runs
 
 
+RULES = {"exact": (), "lantern": ("lantern_k", "lantern_delta"), "lantern++": ("lantern_k", "lantern_lam")}
+
+
+def acceptance_rule(args):
+    """--acceptance and its --lantern-* flags -> the rule; a flag the chosen rule does not read is an error."""
+    from . import Exact, Lantern, LanternPP
+
+    given = {f for f in ("lantern_k", "lantern_delta", "lantern_lam") if getattr(args, f) is not None}
+    stray = given - set(RULES[args.acceptance])
+    if stray:
+        flags = ", ".join("--" + f.replace("_", "-") for f in sorted(stray))
+        raise InputError(f"--acceptance {args.acceptance} does not read {flags}; drop it or pick the rule it belongs to")
+    k = args.lantern_k or 8
+    if args.acceptance == "lantern":
+        return Lantern(k=k, delta=0.2 if args.lantern_delta is None else args.lantern_delta)
+    if args.acceptance == "lantern++":
+        return LanternPP(k=k, lam=2.0 if args.lantern_lam is None else args.lantern_lam)
+    return Exact()
+
+
+def cmd_generate_image(args) -> int:
+    import torch
+
+    from . import load
+    from .adapters import generates_images
+    from .registry import target_config
+
+    rule = acceptance_rule(args)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise InputError(f"{str(out)!r} exists; pass --force to overwrite it or choose another --out")
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+        raise InputError(f"--out {str(out)!r} needs an image extension: .png, .jpg, .webp or .bmp")
+    if not generates_images(target_config(args.target)[1]):
+        raise InputError(f"target {args.target!r} generates text, not images; generate-image takes an AR image "
+                         f"generator (Janus family), e.g. --target mini-gen")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load(args.target, args.drafter, device=device, dtype=args.dtype, tree=_tree(args, device),
+                draft_dtype=args.draft_dtype)
+    kw = dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+              seed=args.seed, acceptance=rule)
+    modes = (True, False) if args.compare else (True,)
+    if args.compare:  # warm-up: first-call allocations and lazy inits off the clock, for both methods alike
+        for speculative in modes:
+            pipe.generate_image(args.prompt, **kw, speculative=speculative)
+    runs = {m: [] for m in modes}
+    for r in range(COMPARE_ROUNDS if args.compare else 1):  # alternating, as caption --compare
+        for speculative in modes if r % 2 == 0 else modes[::-1]:
+            runs[speculative].append(pipe.generate_image(args.prompt, **kw, speculative=speculative))
+    res = runs[True][0]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        res.image.save(out)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot write --out {str(out)!r}: {e}") from None
+    s = max((r.stats for r in runs[True]), key=lambda st: st.tokens_per_s)
+    print(f"wrote {out} ({res.image.width}x{res.image.height}, {len(res.token_ids)} codes); rule {rule}")
+    print(f"speculative {s.tokens_per_s:8.1f} codes/s   tau {s.mean_accepted:.2f}")
+    if args.compare:
+        ar = max(r.stats.tokens_per_s for r in runs[False])
+        print(f"autoregressive {ar:8.1f} codes/s   speedup {s.tokens_per_s / ar:.2f}x (rule {rule})")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .bench import run_bench
 
     methods = args.methods.split(",") if args.methods else None
     if args.json:
         _write_json(args.json, None)  # a --json that cannot be written fails now, not after the whole bench
-    report = run_bench(args.target, n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       device=args.device, dtype=args.dtype, tree_preset=args.tree, methods=methods,
-                       draft_dtype=args.draft_dtype, seed=args.seed)
+    if args.target in IMAGE_TARGETS:
+        from .bench_image import run_image_bench
+
+        if methods:
+            raise InputError("--methods applies to VLM targets; an image bench runs every rule (--no-sweep to cut it)")
+        report = run_image_bench(args.target, n=args.n, guidance_scale=args.guidance_scale,
+                                 temperature=1.0 if args.temperature is None else args.temperature, device=args.device,
+                                 dtype=args.dtype, tree_preset=args.tree, seed=args.seed, sweep=args.sweep,
+                                 quality=args.quality)
+    else:
+        report = run_bench(args.target, n=args.n, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature or 0.0, device=args.device, dtype=args.dtype,
+                           tree_preset=args.tree, methods=methods, draft_dtype=args.draft_dtype, seed=args.seed)
     if args.json:
         _write_json(args.json, report)
     return 0
@@ -210,7 +306,8 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"caption": cmd_caption, "bench": cmd_bench, "train-drafter": cmd_train, "export-drafter": cmd_export}
+COMMANDS = {"caption": cmd_caption, "bench": cmd_bench, "train-drafter": cmd_train, "export-drafter": cmd_export,
+            "generate-image": cmd_generate_image}
 
 
 def run_guarded(prog: str, verbose: bool, body) -> int:

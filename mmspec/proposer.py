@@ -56,8 +56,8 @@ def build_pairs(
         keep = torch.arange(1, tokens.numel(), device=dev)
         embeds = None
         if drafter.config.modality == "image":  # text prompt, then codes: each through the target's own embedding
-            n = tokens.numel() - 1
-            embeds = torch.cat([input_embeds[1:n].to(feats.dtype), drafter.embed_tokens(tokens[n:]).to(feats.dtype)])
+            m = input_embeds.shape[0]  # the embeddings the target saw; later tokens are codes it has not embedded yet
+            embeds = torch.cat([input_embeds[1:m].to(feats.dtype), drafter.embed_tokens(tokens[m:]).to(feats.dtype)])
         return Pairs(feats, tokens[1:], positions[1:], embeds), keep, None
     plan = plan_compression(tokens, drafter.config.image_token_id, drafter.vision.num_queries, n_images)
     keep = plan.keep.to(dev)

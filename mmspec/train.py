@@ -33,6 +33,7 @@ from .drafter import CONFIG_NAME, WEIGHTS_NAME, Drafter, DrafterConfig, read_wei
 from .errors import InputError, UserError
 from .images import cast_pixels
 from .proposer import build_pairs
+from .train_image import read_prompts, teach_image
 from .target import target_forward
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class TrainConfig:
     save_every: int = 200
     max_length: int = 1024
     teacher_cache_gb: float = 2.0  # host memory for reused teacher signals; 0 recomputes them every time
+    guidance_scale: float = 5.0  # image targets: the CFG scale the target draws its training images with
 
     def __post_init__(self) -> None:
         if not self.teacher_cache_gb >= 0:  # also rejects NaN
@@ -244,7 +246,8 @@ class DraftObjective(nn.Module):
         tokens = pad(lambda i: built[i][0].tokens, 0)
         positions = pad(lambda i: built[i][0].positions, 0)
         feats = pad(lambda i: built[i][0].features.to(dtype), 0.0, (h,))
-        embeds = None if d.vision is None else pad(lambda i: built[i][0].embeds.to(dtype), 0.0, (h,))
+        has_embeds = built[0][0].embeds is not None  # image slots (ViSpec) or an image drafter's text prompt
+        embeds = pad(lambda i: built[i][0].embeds.to(dtype), 0.0, (h,)) if has_embeds else None
         vec = None if d.vision is None else pad(lambda i: built[i][0].image_vec.to(dtype), 0.0, (h,))
         teacher = pad(lambda i: built[i][1].float(), 0.0, (built[0][1].shape[-1],))
         label_ok = pad(lambda i: built[i][2], False)
@@ -413,16 +416,21 @@ class _Training:
 def _load_inputs(target: str, data, cfg: TrainConfig, device):
     """-> (train conversations, held-out conversations, skip report, model, processor, adapter), with the checks
     that need both the data and the target."""
-    from .data_tools.jsonl import read_conversations
+    from .data_tools.jsonl import SkipReport, read_conversations
     from .pipeline import load_target
 
+    model, processor, adapter = load_target(target, device=device, dtype=torch.float32)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if adapter.generates_images:  # prompt lines; the target draws its own images (train_image)
+        lines = read_prompts(data)
+        if not lines:
+            raise InputError(f"no prompt lines in {data}")
+        return (*_split(lines, cfg.eval_fraction, cfg.seed), SkipReport(), model, processor, adapter)
     convs, report = read_conversations(data)
     if not convs:
         raise InputError(f"no usable conversations in {data} (skipped: {report.counts})")
     train_set, eval_set = _split(convs, cfg.eval_fraction, cfg.seed)
-    model, processor, adapter = load_target(target, device=device, dtype=torch.float32)
-    for p in model.parameters():
-        p.requires_grad_(False)
     if adapter.multimodal is False and cfg.vision_adaptor:
         raise InputError("--vision-adaptor needs a vision-language target; this one is text-only (use --no-vision-adaptor)")
     if not adapter.multimodal and any(c.images for c in convs):
@@ -553,6 +561,9 @@ def train_drafter(target: str, data: str | Path, out: str | Path, cfg: TrainConf
     want_embeds = drafter.vision is not None
 
     def teach_one(conv) -> Example:
+        if adapter.generates_images:
+            return teach_image(model, adapter, processor, conv, drafter.config.feature_layers, cfg.guidance_scale,
+                               cfg.seed)
         return teach(model, adapter, processor, conv, drafter.config.feature_layers, want_embeds, cfg.max_length)
 
     cache = TeacherCache(teach_one, int(cfg.teacher_cache_gb * 2**30), accelerator.device)

@@ -144,3 +144,66 @@ def test_text_drafter_and_text_target_mismatches(pipe, tiny_dir):
     vlm = mmspec.load(tiny_dir("llava"), drafter="untrained", device="cpu")
     with pytest.raises(UserError, match="text target takes only"):
         vlm.generate("hi", acceptance=Lantern(k=2, delta=0.1))
+
+
+def test_generate_image_cli(tiny_dir, tmp_path, capsys):
+    from mmspec.cli import main
+
+    out = tmp_path / "x.png"
+    args = ["generate-image", "a big red circle", "--target", str(tiny_dir("janus")), "--drafter", "untrained",
+            "--out", str(out), "--acceptance", "lantern", "--lantern-k", "4", "--seed", "1", "--compare"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "Lantern(k=4, delta=0.2)" in printed and "autoregressive" in printed and "speedup" in printed
+    from PIL import Image
+
+    assert Image.open(out).size == (16, 16)
+    before = out.read_bytes()
+    assert main(args[:-1]) == 2  # exists, no --force: kept
+    assert "--force" in capsys.readouterr().err and out.read_bytes() == before
+    assert main(args[:-1] + ["--force", "--seed", "2"]) == 0
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--lantern-delta", "0.3"], "does not read --lantern-delta"),
+    (["--acceptance", "lantern", "--lantern-delta", "1.5"], "delta"),
+    (["--acceptance", "lantern++", "--lantern-lam", "0.5"], "lam"),
+    (["--guidance-scale", "-1"], "guidance_scale"),
+    (["--out", "x.txt"], "image extension"),
+])
+def test_generate_image_cli_errors(tiny_dir, tmp_path, capsys, extra, match):
+    from mmspec.cli import main
+
+    args = ["generate-image", "p", "--target", str(tiny_dir("janus")), "--drafter", "untrained",
+            "--out", str(tmp_path / "y.png")]
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_generate_image_cli_refuses_a_vlm(tiny_dir, tmp_path, capsys):
+    from mmspec.cli import main
+
+    assert main(["generate-image", "p", "--target", str(tiny_dir("llava")), "--out", str(tmp_path / "z.png")]) == 2
+    assert "generates text, not images" in capsys.readouterr().err
+
+
+def test_train_drafter_on_prompt_lines(tiny_dir, tmp_path):
+    """train-drafter on {"prompt"} lines for an image target: the target draws its own images; the drafter learns
+    (held-out loss falls) and loads back as the pipeline's drafter; bad lines name the line."""
+    from mmspec.cli import main
+    from mmspec.train import TrainConfig, train_drafter
+
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(f'{{"prompt": "a {c} {s}"}}\n' for c in ("red", "blue", "green") for s in ("circle", "star")))
+    short = train_drafter(str(tiny_dir("janus")), data, tmp_path / "d1", TrainConfig(max_steps=1, batch_size=4,
+                                                                                    eval_fraction=0.34))
+    long = train_drafter(str(tiny_dir("janus")), data, tmp_path / "d2", TrainConfig(max_steps=12, batch_size=4,
+                                                                                   eval_fraction=0.34, lr=3e-3))
+    assert long["held_out"]["depth1_loss"] < short["held_out"]["depth1_loss"]
+    pipe = mmspec.load(tiny_dir("janus"), drafter=tmp_path / "d2", device="cpu")
+    assert pipe.generate_image(PROMPTS[0], temperature=0.0).token_ids == reference(pipe, PROMPTS[0], 5.0)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    assert main(["train-drafter", "--target", str(tiny_dir("janus")), "--data", str(bad), "--out",
+                 str(tmp_path / "d3")]) == 2

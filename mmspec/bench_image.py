@@ -1,0 +1,148 @@
+"""`mmspec bench --target mini-gen`: autoregressive vs exact vs LANTERN vs LANTERN++ image generation, with a sweep.
+
+Every setting generates the same held-out prompts with the same seeds (prompt k: seed + k), taking turns prompt by
+prompt after one warm-up each, so a slow patch of a noisy machine hits all alike. Speed is codes per second of wall
+time; tau counts every target forward, prefill included. Quality, from built-in models only (mmspec.quality):
+faithfulness (the mini-vlm judge checks count and colours), CLIP score and FID (mini-clip features, against rendered
+scenes of the same prompts). `lossless` runs exact and autoregressive once more at temperature 0 and compares codes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .acceptance import Exact, Lantern, LanternPP
+from .config import TreeConfig
+from .errors import InputError, MissingInputError
+
+logger = logging.getLogger(__name__)
+
+PROMPTS_FILE = Path(__file__).parent / "assets" / "gen_prompts.jsonl"
+HEADLINE = {"autoregressive": Exact(), "exact": Exact(), "lantern": Lantern(k=8, delta=0.2),
+            "lantern++": LanternPP(k=8, lam=2.0)}
+SWEEP = [Lantern(k=k, delta=d) for k in (4, 8, 16) for d in (0.05, 0.1, 0.2, 0.4)]
+
+
+@dataclass
+class Setting:
+    rule: object
+    speculative: bool
+    codes: list[list[int]] = field(default_factory=list)
+    images: list = field(default_factory=list)
+    new_tokens: int = 0
+    target_forwards: int = 0
+    wall_s: float = 0.0
+    split_s: dict = field(default_factory=dict)
+
+    def add(self, res) -> None:
+        st = res.stats
+        self.codes.append(res.token_ids)
+        self.images.append(res.image)
+        self.new_tokens += st.new_tokens
+        self.target_forwards += st.target_forwards
+        self.wall_s += st.wall_s
+        for k, v in (("prefill", st.prefill_s), ("draft", st.draft_s), ("verify", st.verify_s), ("other", st.other_s)):
+            self.split_s[k] = self.split_s.get(k, 0.0) + v
+
+    @property
+    def speed(self) -> float:
+        return self.new_tokens / self.wall_s
+
+
+def held_out_gen_prompts(n: int) -> list[dict]:
+    """The first n held-out records {"prompt", "scene"} shipped with mini-gen (never trained on)."""
+    if not PROMPTS_FILE.is_file():
+        raise MissingInputError(f"{PROMPTS_FILE} is missing; rebuild with `python -m mmspec.data_tools.build_minis "
+                                f"--only gen`")
+    records = [json.loads(line) for line in PROMPTS_FILE.read_text().splitlines() if line.strip()]
+    if n > len(records):
+        raise InputError(f"--n {n}: only {len(records)} held-out image prompts ship with mmspec")
+    return records[:n]
+
+
+def _settings(sweep: bool) -> dict[str, Setting]:
+    out = {name: Setting(rule, name != "autoregressive") for name, rule in HEADLINE.items()}
+    if sweep:
+        out.update({f"lantern k={r.k} delta={r.delta}": Setting(r, True) for r in SWEEP})
+    return out
+
+
+def run_image_bench(target: str = "mini-gen", *, n: int = 16, guidance_scale: float = 5.0, temperature: float = 1.0,
+                    device: str | None = None, dtype: str | None = None, tree_preset: str | None = None,
+                    seed: int = 0, sweep: bool = True, quality: bool = True) -> dict:
+    from . import load
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tree = TreeConfig.preset(tree_preset or ("gpu" if dev.type == "cuda" else "cpu"))
+    pipe = load(target, device=dev, dtype=dtype, tree=tree)
+    records = held_out_gen_prompts(n)
+    settings = _settings(sweep)
+    kw = dict(guidance_scale=guidance_scale, temperature=temperature)
+    names = list(settings)
+    with torch.inference_mode():
+        for s in settings.values():  # warm-up: first-call allocations and lazy inits off the clock
+            pipe.generate_image(records[0]["prompt"], **kw, seed=seed, acceptance=s.rule, speculative=s.speculative)
+        for k, rec in enumerate(records):
+            for name in names[k % len(names):] + names[: k % len(names)]:
+                s = settings[name]
+                s.add(pipe.generate_image(rec["prompt"], **kw, seed=seed + k, acceptance=s.rule,
+                                          speculative=s.speculative))
+        greedy = {m: [pipe.generate_image(r["prompt"], guidance_scale=guidance_scale, temperature=0.0,
+                                          speculative=m == "exact").token_ids for r in records]
+                  for m in ("autoregressive", "exact")}
+    scores = _quality(settings, records) if quality else {}
+    report = _report(target, pipe, n, kw, settings, scores, greedy["exact"] == greedy["autoregressive"])
+    print_image_table(report)
+    return report
+
+
+def _quality(settings: dict[str, Setting], records: list[dict]) -> dict[str, dict]:
+    from . import quality
+    from .data_tools.gen_world import render_textured
+    from .data_tools.shapes_world import Scene
+
+    scenes = [Scene.from_dict(r["scene"]) for r in records]
+    prompts = [r["prompt"] for r in records]
+    refs = [render_textured(s) for s in scenes]
+    clip, judge = quality.load_clip(), quality.load_judge()
+    out = {}
+    for name, s in settings.items():
+        logger.info("quality of %s", name)
+        out[name] = {"faithfulness": quality.faithfulness(s.images, scenes, judge=judge),
+                     "clip_score": quality.clip_score(s.images, prompts, clip=clip),
+                     "fid": quality.fid(s.images, refs, clip=clip)}
+    return out
+
+
+def _report(target, pipe, n, kw, settings, scores, lossless) -> dict:
+    ar, ex = settings["autoregressive"].speed, settings["exact"].speed
+    rows, sweep = {}, []
+    for name, s in settings.items():
+        row = {"tokens_per_s": round(s.speed, 2), "mean_accepted": round(s.new_tokens / max(s.target_forwards, 1), 3),
+               "speedup": round(s.speed / ar, 3), "speedup_over_exact": round(s.speed / ex, 3),
+               **{k: (None if v is None else round(v, 4)) for k, v in scores.get(name, {}).items()},
+               "ms_per_step": {k: round(1e3 * v / max(s.target_forwards, 1), 3) for k, v in s.split_s.items()}}
+        if name in HEADLINE:
+            rows[name] = {**row, "rule": repr(s.rule), "lossless": lossless if name == "exact" else None}
+        else:
+            sweep.append({"rule": "lantern", "k": s.rule.k, "delta": s.rule.delta, **row})
+    return {"target": target, "device": str(pipe.device), "n_prompts": n, "guidance_scale": kw["guidance_scale"],
+            "temperature": kw["temperature"], "tree": asdict(pipe.tree), "methods": rows, "sweep": sweep}
+
+
+def print_image_table(report: dict) -> None:
+    lines = [f"mmspec bench: target={report['target']} device={report['device']} prompts={report['n_prompts']} "
+             f"guidance={report['guidance_scale']} temperature={report['temperature']}",
+             f"{'setting':<28}{'codes/s':>9}{'speedup':>9}{'vs exact':>9}{'tau':>7}{'faithful':>9}{'clip':>7}{'fid':>8}"]
+    rows = list(report["methods"].items()) + [(f"lantern k={r['k']} d={r['delta']}", r) for r in report["sweep"]]
+    for name, r in rows:
+        q = [r.get(k) for k in ("faithfulness", "clip_score", "fid")]
+        qs = "".join(f"{'-':>{w}}" if v is None else f"{v:>{w}.{p}f}" for v, w, p in zip(q, (9, 7, 8), (2, 1, 1)))
+        lines.append(f"{name:<28}{r['tokens_per_s']:>9.1f}{r['speedup']:>8.2f}x{r['speedup_over_exact']:>8.2f}x"
+                     f"{r['mean_accepted']:>7.2f}{qs}")
+    print("\n".join(lines))

@@ -1,0 +1,77 @@
+"""Teacher signals for an image-code drafter (Janus family): self-distillation, on the fly, as for VLM drafters.
+
+Data: one prompt per JSONL line, `{"prompt": "two small red circles at the top left"}`. For each line the frozen target
+generates its own image exactly as at inference (classifier-free guidance, temperature 1, its own `generate`), then one
+forward of both rows over prompt + codes gives what the drafter learns from: the cond row's hidden states (what it reads
+at inference) and the guided logits uncond + s * (cond - uncond) (what the acceptance rule tests its drafts against).
+Drafting from the cond row alone keeps the drafter's cost at one row; its target is already the guided distribution.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class PromptLine:
+    line_no: int  # 1-based line in the source file (the teacher cache keys on it)
+    prompt: str
+    images: tuple = ()  # none: keeps the VLM path's image checks quiet
+
+
+def read_prompts(path) -> list[PromptLine]:
+    """`{"prompt": "..."}` per line -> PromptLines; a malformed line is an error naming the file and line."""
+    from .data_tools.jsonl import iter_lines
+
+    out = []
+    for line_no, text in iter_lines(path):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+        prompt = obj.get("prompt") if isinstance(obj, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError(f'{path}:{line_no}: an image target trains on lines {{"prompt": "..."}} with a non-empty '
+                             f"prompt string")
+        out.append(PromptLine(line_no, prompt))
+    return out
+
+
+@torch.no_grad()
+def teach_image(model, adapter, processor, line: PromptLine, feature_layers: tuple[int, ...], scale: float,
+                seed: int):
+    """-> a train.Example over prompt + the target's own codes for this line (codes are the learned tokens)."""
+    from .train import Example
+
+    inputs = adapter.prepare(processor, line.prompt, []).to(model.device)
+    gc = model.generation_config
+    bos, boi, pad = int(gc.bos_token_id), adapter.boi_token_id(processor), int(gc.pad_token_id)
+    gc.generation_kwargs = {"boi_token_id": boi}  # from_pretrained drops it (see adapters.janus)
+    # Janus's generate samples with torch.multinomial on the global generator: fork it, so the seed fixes the codes
+    # and the caller's random state is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1_000_003 + line.line_no)
+        codes = model.generate(**inputs, generation_mode="image", do_sample=True, guidance_scale=scale)[0]
+    rows = adapter.guidance_rows(inputs, bos, boi, pad)["input_ids"]  # [2, n]
+    embed_codes = adapter.code_embedding(model)(codes)
+    embeds = torch.cat([adapter.embed_prompt(model, rows), embed_codes[None].expand(2, -1, -1)], dim=1)
+    out = adapter.decoder(model)(inputs_embeds=embeds, output_hidden_states=True, use_cache=False)
+    logits = adapter.code_head(model)(out.last_hidden_state)  # [2, m, V]
+    guided = logits[1] + scale * (logits[0] - logits[1])
+    n = rows.shape[1]
+    tokens = torch.cat([rows[0], codes])  # the drafter's token stream: prompt, then codes
+    learned = torch.zeros(tokens.numel(), dtype=torch.bool, device=tokens.device)
+    learned[n:] = True  # pair i predicts token i + 1: the codes after BOI
+    return Example(
+        tokens=tokens,
+        positions=torch.arange(tokens.numel(), device=tokens.device),
+        features=[out.hidden_states[i][0] for i in feature_layers],
+        input_embeds=embeds[0],
+        teacher_logits=guided,
+        assistant=learned,
+    )
