@@ -146,3 +146,44 @@ def print_image_table(report: dict) -> None:
         lines.append(f"{name:<28}{r['tokens_per_s']:>9.1f}{r['speedup']:>8.2f}x{r['speedup_over_exact']:>8.2f}x"
                      f"{r['mean_accepted']:>7.2f}{qs}")
     print("\n".join(lines))
+
+
+def plot_tradeoff(report: dict, path: str | Path, size: tuple[int, int] = (720, 480)) -> Path:
+    """Speedup over autoregressive (y) against faithfulness (x), one labelled point per setting, drawn with PIL
+    (no plotting dependency). Needs a report with quality figures."""
+    from PIL import Image, ImageDraw
+
+    points = [(name, r) for name, r in report["methods"].items()]
+    points += [(f"k={r['k']} d={r['delta']}", r) for r in report["sweep"]]
+    points = [(n, r["faithfulness"], r["speedup"]) for n, r in points if r.get("faithfulness") is not None]
+    if not points:
+        raise InputError("the report has no faithfulness figures (run the bench without --no-quality)")
+    w, h, m = *size, 60
+    xs, ys = [p[1] for p in points], [p[2] for p in points]
+    x0, x1 = min(xs + [0.5]) - 0.02, max(xs + [1.0]) + 0.02
+    y0, y1 = 0.0, max(ys) * 1.15
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return m + (x - x0) / (x1 - x0) * (w - 2 * m), h - m - (y - y0) / (y1 - y0) * (h - 2 * m)
+
+    draw.line([at(x0, y0), at(x1, y0)], fill="black")
+    draw.line([at(x0, y0), at(x0, y1)], fill="black")
+    for t in range(0, 11):
+        ty = y0 + (y1 - y0) * t / 10
+        draw.text((8, at(x0, ty)[1] - 6), f"{ty:.2f}x", fill="gray")
+        tx = x0 + (x1 - x0) * t / 10
+        draw.text((at(tx, y0)[0] - 12, h - m + 8), f"{tx:.2f}", fill="gray")
+    draw.line([at(x0, 1.0), at(x1, 1.0)], fill=(200, 200, 200))  # autoregressive speed
+    colours = {"autoregressive": "black", "exact": "blue", "lantern": "red", "lantern++": "purple"}
+    for name, x, y in points:
+        cx, cy = at(x, y)
+        colour = colours.get(name, (230, 120, 60))
+        draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour)
+        draw.text((cx + 6, cy - 6), name, fill=colour)
+    draw.text((m, 12), f"{report['target']}: speedup over autoregressive vs faithfulness ({report['n_prompts']} prompts, "
+                       f"guidance {report['guidance_scale']}, T={report['temperature']})", fill="black")
+    path = Path(path)
+    img.save(path)
+    return path

@@ -85,6 +85,7 @@ def build_parser() -> Parser:
     bench.add_argument("--methods", default=None, help="comma-separated subset of methods to run")
     bench.add_argument("--seed", type=int, default=0, help="sampling seed of the first prompt (prompt k: seed + k)")
     bench.add_argument("--json", type=Path, default=None, help="write the results here")
+    bench.add_argument("--plot", type=Path, default=None, help="image generators: speedup vs faithfulness PNG")
 
     tr = sub.add_parser("train-drafter", help="train a drafter for a target on JSONL conversations")
     tr.add_argument("--target", required=True)
@@ -124,6 +125,11 @@ def build_parser() -> Parser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--compare", action="store_true", help="also generate without drafting and print both speeds")
     gen.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+
+    demo = sub.add_parser("demo", help="serve the Gradio demo (ask a VLM, generate images) on localhost")
+    from .demos.app import add_demo_args
+
+    add_demo_args(demo)
 
     ex = sub.add_parser("export-drafter", help="write a drafter in another engine's checkpoint layout")
     ex.add_argument("drafter", type=Path)
@@ -268,6 +274,10 @@ def cmd_bench(args) -> int:
                                  temperature=1.0 if args.temperature is None else args.temperature, device=args.device,
                                  dtype=args.dtype, tree_preset=args.tree, seed=args.seed, sweep=args.sweep,
                                  quality=args.quality)
+        if args.plot:
+            from .bench_image import plot_tradeoff
+
+            print(f"wrote {plot_tradeoff(report, args.plot)}")
     else:
         report = run_bench(args.target, n=args.n, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature or 0.0, device=args.device, dtype=args.dtype,
@@ -298,6 +308,12 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demos.app import serve
+
+    return serve(args)
+
+
 def cmd_export(args) -> int:
     from .export import export_eagle3
 
@@ -307,7 +323,7 @@ def cmd_export(args) -> int:
 
 
 COMMANDS = {"caption": cmd_caption, "bench": cmd_bench, "train-drafter": cmd_train, "export-drafter": cmd_export,
-            "generate-image": cmd_generate_image}
+            "generate-image": cmd_generate_image, "demo": cmd_demo}
 
 
 def run_guarded(prog: str, verbose: bool, body) -> int:

@@ -70,6 +70,8 @@ class StepEvent:
     tree_size: int  # tokens the target verified this step
     finished: bool  # the last event of the run
     stats: Stats = field(compare=False)
+    tree: DraftTree | None = field(default=None, compare=False)  # the tree verified this step (None: the prefill)
+    path: tuple[int, ...] = ()  # its accepted nodes, root first (what a demo draws)
 
 
 def _sync(device: torch.device) -> None:
@@ -189,7 +191,8 @@ def decode(
         stats.new_tokens += len(committed)
         stats.wall_s = time.perf_counter() - t0
         finished = stop is not None or stats.new_tokens >= max_new_tokens
-        yield StepEvent(tuple(committed), min(acc.num_accepted, len(committed)), tree.size, finished, stats)
+        yield StepEvent(tuple(committed), min(acc.num_accepted, len(committed)), tree.size, finished, stats, tree,
+                        tuple(acc.path.tolist()))
         if finished:
             return
         root = torch.tensor([acc.bonus], device=dev)

@@ -26,6 +26,7 @@ from .engine import Stats, StepEvent, decode, first_row, guidance
 from .errors import InputError, InputTypeError
 from .image_target import ImageRunner
 from .proposer import EagleProposer, NullProposer
+from .tree import DraftTree
 from .verify import acceptor
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class ImageStreamEvent:
     num_accepted: int  # drafted codes the target accepted this step
     image: Image.Image | None  # the rows decoded so far when this step completed a row, else None
     stats: Stats  # running totals
+    tree: DraftTree | None = None  # the draft tree verified this step (None for the prefill step)
+    path: tuple[int, ...] = ()  # the tree's accepted nodes, root first
 
 
 @torch.no_grad()
@@ -170,7 +173,7 @@ class ImagePipeline:
             if len(codes) // grid > rows_shown:
                 rows_shown = len(codes) // grid
                 image = self.image_of(codes) if len(codes) == n_codes else self._partial(codes, rows_shown, grid)
-            yield ImageStreamEvent(ev.token_ids, ev.num_accepted, image, ev.stats)
+            yield ImageStreamEvent(ev.token_ids, ev.num_accepted, image, ev.stats, ev.tree, ev.path)
 
     def generate_image(self, prompt: str, *, guidance_scale: float = 5.0, temperature: float = 1.0, top_k: int = 0,
                        top_p: float = 1.0, seed: int | None = None, acceptance: Exact = EXACT,

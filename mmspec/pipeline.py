@@ -22,6 +22,7 @@ from .processing import NodeProcessor, check_generation_config
 from .proposer import EagleProposer, NullProposer
 from .registry import BUILTIN_DRAFTERS, BUILTIN_TARGETS, resolve_dir, target_config
 from .target import TargetRunner
+from .tree import DraftTree
 from .verify import acceptor
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ class StreamEvent:
     token_ids: tuple[int, ...]  # tokens committed by this step
     num_accepted: int  # drafted tokens the target accepted this step
     stats: Stats  # running totals
+    tree: DraftTree | None = None  # the draft tree verified this step (None for the prefill step)
+    path: tuple[int, ...] = ()  # the tree's accepted nodes, root first
 
 
 def load(
@@ -226,7 +229,7 @@ class Pipeline:
             full = self.tokenizer.decode(tokens, skip_special_tokens=True)
             if not ev.finished:
                 full = full.rstrip("\ufffd")
-            yield StreamEvent(full[len(text) :], ev.token_ids, ev.num_accepted, ev.stats)
+            yield StreamEvent(full[len(text) :], ev.token_ids, ev.num_accepted, ev.stats, ev.tree, ev.path)
             text = full
 
     def generate(
