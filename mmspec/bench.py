@@ -195,7 +195,15 @@ def method_rows(results: dict[str, MethodResult], greedy: bool) -> dict[str, dic
             "target_forwards": r.target_forwards,
         }
         if r.split_s:  # where a step's time goes: per target forward, in milliseconds
-            rows[m]["ms_per_step"] = {k: round(1e3 * v / max(r.target_forwards, 1), 3) for k, v in r.split_s.items()}
+            steps = max(r.target_forwards, 1)
+            rows[m]["ms_per_step"] = {k: round(1e3 * v / steps, 3) for k, v in r.split_s.items()}
+            rows[m]["draft_share"] = round(r.split_s.get("draft", 0.0) / r.wall_s, 3)
+            verify_ms = 1e3 * r.split_s.get("verify", 0.0) / steps
+            if m != "autoregressive" and verify_ms > 0:
+                # what the same tau would give if drafting and bookkeeping were free: tau tokens per verify forward
+                ideal = (r.new_tokens / steps) * (1e3 * ref.wall_s / ref.new_tokens) / verify_ms
+                rows[m]["ideal_speedup"] = round(ideal, 3)
+                rows[m]["achieved_over_ideal"] = round(speed / ref_speed / ideal, 3)
     return rows
 
 
@@ -203,9 +211,12 @@ def print_table(report: dict) -> None:
     lines = [f"mmspec bench: target={report['target']} device={report['device']} prompts={report['n_prompts']} "
              f"max_new_tokens={report['max_new_tokens']} temperature={report['temperature']} "
              f"dtype={report['dtype']} draft_dtype={report['draft_dtype']}",
-             f"{'method':<16}{'tok/s':>9}{'speedup':>9}{'tau':>7}{'lossless':>10}{'peak MB':>9}"]
+             f"{'method':<16}{'tok/s':>9}{'speedup':>9}{'tau':>7}{'lossless':>10}{'peak MB':>9}{'ideal':>8}"
+             f"{'draft %':>9}"]
     for m, r in report["methods"].items():
         lossless = "n/a" if r["lossless"] is None else ("yes" if r["lossless"] else "NO")
+        ideal = f"{r['ideal_speedup']:>7.2f}x" if "ideal_speedup" in r else f"{'-':>8}"
+        draft = f"{100 * r['draft_share']:>8.0f}%" if "draft_share" in r else f"{'-':>9}"
         lines.append(f"{m:<16}{r['tokens_per_s']:>9.1f}{r['speedup']:>8.2f}x{r['mean_accepted']:>7.2f}{lossless:>10}"
-                     f"{r['peak_mem_mb']:>9.1f}")
+                     f"{r['peak_mem_mb']:>9.1f}{ideal}{draft}")
     print("\n".join(lines))

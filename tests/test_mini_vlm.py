@@ -88,3 +88,8 @@ def test_bench_writes_the_contract_json(tmp_path):
     assert all(methods[name]["lossless"] is True for name in ("hf_generate", "hf_assisted", "eagle", "vispec"))
     assert methods["hf_generate"]["mean_accepted"] == 1.0  # one target forward per token, counted by a hook
     assert methods["vispec"]["mean_accepted"] > 2.0  # the shipped drafter's paths, also counted by the hook
+    v, ar = methods["vispec"], methods["autoregressive"]
+    # ideal = tau x (autoregressive ms per token) / (verify ms per step), from the same run's figures
+    ar_ms = 1e3 / ar["tokens_per_s"]
+    assert v["ideal_speedup"] == pytest.approx(v["mean_accepted"] * ar_ms / v["ms_per_step"]["verify"], rel=0.02)
+    assert 0 < v["draft_share"] < 1 and "ideal_speedup" not in ar
