@@ -108,6 +108,11 @@ def build_parser() -> Parser:
     tr.add_argument("--teacher-cache-gb", type=_nonneg_float, default=2.0,
                     help="host memory for the target's signals, reused across epochs (0: recompute every time)")
     tr.add_argument("--device", default=None, help="cpu or cuda (default: what accelerate picks)")
+    tr.add_argument("--guidance-scale", type=_nonneg_float, default=5.0,
+                    help="image targets: the CFG scale the target draws its own training images with")
+    tr.add_argument("--draft-rows", type=int, choices=[1, 2], default=1,
+                    help="image targets: 1 drafts from the cond row (trained on the guided distribution), 2 from "
+                         "both CFG rows' combined logits (LANTERN)")
 
     gen = sub.add_parser("generate-image", help="generate an image with an AR image generator (Janus family)")
     gen.add_argument("prompt")

@@ -53,6 +53,9 @@ class DrafterConfig:
     # "text": drafts the target's text tokens through its token embedding and LM head; "image": drafts an AR image
     # generator's VQ codes through its code embedding and generation head (Janus family, mmspec.adapters.janus)
     modality: str = "text"
+    # image drafters: 1 reads the cond row and was trained on the guided distribution; 2 reads both CFG rows, was
+    # trained on each row's own distribution, and drafts from their logits combined as the target's (LANTERN)
+    draft_rows: int = 1
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -60,6 +63,8 @@ class DrafterConfig:
             raise InputError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if self.modality not in MODALITIES:
             raise InputError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
+        if self.draft_rows not in (1, 2) or (self.draft_rows == 2 and self.modality != "image"):
+            raise InputError(f"draft_rows must be 1, or 2 for an image drafter (both CFG rows), got {self.draft_rows}")
         if self.modality == "image" and self.vision_adaptor:
             raise InputError("an image-code drafter reads no input images: use vision_adaptor=False")
         bad = [i for i in self.feature_layers if not 0 <= i <= self.target_num_layers]
@@ -188,6 +193,7 @@ class Drafter(nn.Module):
         num_queries: int = 2,
         fusion: str = "multi_layer",
         feature_layers: tuple[int, ...] | None = None,
+        draft_rows: int = 1,
     ) -> "Drafter":
         """An untrained drafter sized to the target (a transformers model or its config). For an AR image generator
         (Janus family) it drafts image codes: modality "image", no vision adaptor."""
@@ -223,6 +229,7 @@ class Drafter(nn.Module):
             num_queries=num_queries,
             image_token_id=None if image_gen else image_token_id,
             modality="image" if image_gen else "text",
+            draft_rows=draft_rows,
         )
         drafter = cls(config_obj)
         if model is not None:

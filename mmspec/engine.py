@@ -100,21 +100,29 @@ class Rows:
     positions: Tensor  # [B, n] 1-D target positions of every row's prompt tokens
     next_pos: Tensor  # [B] long, CPU: each row's position of its first new token
     pads: list[int]  # left-padding columns per row
-    prompt_ids: Tensor  # [n0] row 0 without its padding
+    ids: Tensor  # [B, n] the rows as given, padding included
 
     @classmethod
     def of(cls, runner: TargetRunner, inputs: dict) -> "Rows":
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
         positions, next_pos = runner.adapter.row_positions(runner.model, inputs)
         pads = [0] * ids.shape[0] if mask is None else (mask.shape[1] - mask.long().sum(-1)).tolist()
-        return cls(positions, next_pos, pads, ids[0, pads[0]:])
+        return cls(positions, next_pos, pads, ids)
 
-    def drafter_context(self, pre: Prefill, n_images: int) -> PromptContext:
-        """What the drafter reads of the prefill: row 0, without its padding."""
-        p = self.pads[0]
-        embeds = None if pre.input_embeds is None else pre.input_embeds[0, p:]
-        hidden = None if pre.hidden_states is None else tuple(h[:1, p:] for h in pre.hidden_states)
-        return PromptContext(self.prompt_ids, self.positions[0, p:], hidden, embeds, n_images)
+    @property
+    def prompt_ids(self) -> Tensor:
+        """[n0] row 0 without its padding: the history the processors read."""
+        return self.ids[0, self.pads[0]:]
+
+    def drafter_contexts(self, pre: Prefill, n_images: int, count: int = 1) -> list[PromptContext]:
+        """What the drafter reads of the prefill: the first `count` rows, each without its padding."""
+        out = []
+        for r in range(count):
+            p = self.pads[r]
+            embeds = None if pre.input_embeds is None else pre.input_embeds[r, p:]
+            hidden = None if pre.hidden_states is None else tuple(h[r : r + 1, p:] for h in pre.hidden_states)
+            out.append(PromptContext(self.ids[r, p:], self.positions[r, p:], hidden, embeds, n_images))
+        return out
 
 
 def decode(
@@ -154,7 +162,8 @@ def decode(
         return
 
     cache = pre.cache
-    proposer.start(rows.drafter_context(pre, runner.adapter.count_images(inputs)), token, int(rows.next_pos[0]))
+    contexts = rows.drafter_contexts(pre, runner.adapter.count_images(inputs), getattr(proposer, "rows", 1))
+    proposer.start(contexts, token, int(rows.next_pos[0]))
     del pre
     runner.mask.start(rows.pads)
     history = rows.prompt_ids  # tokens before the root, read by the processors only

@@ -156,9 +156,10 @@ class ImagePipeline:
         else:
             generator.manual_seed(int(seed))
         use_tree = speculative and self.tree.total_tokens > 1
-        proposer = EagleProposer(self.drafter, self.tree) if use_tree else NullProposer()
-        accept = acceptor(rule, sampling, generator, neighbours)
         combine = first_row if scale == 1.0 else guidance(scale)
+        both = use_tree and self.drafter.config.draft_rows == 2 and scale != 1.0
+        proposer = EagleProposer(self.drafter, self.tree, combine if both else None) if use_tree else NullProposer()
+        accept = acceptor(rule, sampling, generator, neighbours)
         return decode(self.runner, proposer, rows, accept, n_codes, frozenset(), None, combine)
 
     def stream_image(self, prompt: str, **kwargs) -> Iterator[ImageStreamEvent]:

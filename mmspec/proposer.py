@@ -102,16 +102,22 @@ class NullProposer:
 
 class EagleProposer:
     """EAGLE-2 dynamic tree from a one-layer drafter (Li et al. 2024): beam over cumulative draft log-probability, then
-    rerank every candidate and keep the best `total_tokens - 1` as a connected subtree."""
+    rerank every candidate and keep the best `total_tokens - 1` as a connected subtree.
+
+    With `combine` (e.g. engine.guidance(s)) the drafter reads the first B rows of the target (a CFG generator's cond
+    and uncond rows), runs on each with its own KV, and the tree grows from the rows' draft logits combined as the
+    target's are (LANTERN drafts this way); without it, it reads row 0 alone."""
 
     needs_features = True
 
-    def __init__(self, drafter: Drafter, tree: TreeConfig) -> None:
+    def __init__(self, drafter: Drafter, tree: TreeConfig, combine=None, rows: int = 2) -> None:
         self.drafter = drafter
         self.tree = tree
+        self.rows = 1 if combine is None else rows
+        self._combine = combine or (lambda logits: logits[0])  # [B, ..., V] -> [..., V]
         self.forwards = 0  # drafter forwards run so far, counted where they run
         self.kv = DraftKV()
-        self._pending: Pairs | None = None
+        self._pending: Pairs | None = None  # every field with a leading row dimension
         self._image_vec: Tensor | None = None  # [1, H] the last image's global vector, in force after the prompt
         self._root_pos = 0
 
@@ -120,50 +126,58 @@ class EagleProposer:
         """The drafter reads the prompt's input embeddings: image slots (ViSpec) or a text prompt before image codes."""
         return self.drafter.vision is not None or self.drafter.config.modality == "image"
 
-    def start(self, prompt: PromptContext, first_token: int, first_pos: int) -> None:
+    def start(self, prompts: PromptContext | list[PromptContext], first_token: int, first_pos: int) -> None:
+        """prompts: one context per drafter row (the engine gives `self.rows` of them)."""
         self.kv = DraftKV()
-        self._pending, self._image_vec = prompt_pairs(self.drafter, prompt, first_token, first_pos)
+        rows = [prompt_pairs(self.drafter, p, first_token, first_pos) for p in
+                (prompts if isinstance(prompts, list) else [prompts])]
+        self._image_vec = rows[0][1]
+
+        def stack(name):
+            parts = [getattr(pairs, name) for pairs, _ in rows]
+            return None if parts[0] is None else torch.stack(parts)
+
+        self._pending = Pairs(*(stack(n) for n in ("features", "tokens", "positions", "embeds", "image_vec")))
 
     def commit(self, tree: DraftTree, acceptance: Acceptance, hidden_states: tuple[Tensor, ...] | None) -> None:
         dev = tree.tokens.device
         path = acceptance.path.to(dev)
-        feats = self.drafter.fuse([h[0, path] for h in hidden_states])  # [n + 1, H]
-        tokens = torch.tensor(acceptance.tokens, device=dev)
-        positions = torch.arange(self._root_pos + 1, self._root_pos + 1 + tokens.numel(), device=dev)
-        self._pending = Pairs(feats, tokens, positions, image_vec=self._image_vec)
+        feats = self.drafter.fuse([h[: self.rows, path] for h in hidden_states])  # [B, n + 1, H]
+        tokens = torch.tensor(acceptance.tokens, device=dev).expand(self.rows, -1)
+        positions = torch.arange(self._root_pos + 1, self._root_pos + 1 + tokens.shape[1], device=dev)
+        vec = None if self._image_vec is None else self._image_vec[None]
+        self._pending = Pairs(feats, tokens, positions.expand(self.rows, -1), image_vec=vec)
 
     @torch.no_grad()
     def propose(self, root: Tensor, root_pos: int) -> DraftTree:
         d, cfg = self.drafter, self.tree
         self._root_pos = root_pos
         pend = self._pending
-        tokens = pend.tokens
+        tokens = pend.tokens  # [B, m]
         dev, k = tokens.device, cfg.top_k
+        b, m = tokens.shape
         vec = None if self._image_vec is None else self._image_vec[None]  # [1, 1, H]
         past = self.kv.length
-        m = tokens.numel()
         # Catch up on the newly committed pairs; the last one (ending in the root) predicts depth 1.
         mask = torch.ones(m, past + m, dtype=torch.bool, device=dev)
         mask[:, past:] = torch.ones(m, m, dtype=torch.bool, device=dev).tril()
-        pend_vec = None if pend.image_vec is None else pend.image_vec[None]
-        pend_emb = None if pend.embeds is None else pend.embeds[None]
-        feats = pend.features[None].to(d.q_proj.weight.dtype)
-        hidden = d(tokens[None], feats, pend.positions[None], mask[None], self.kv, pend_emb, pend_vec)[0]
+        feats = pend.features.to(d.q_proj.weight.dtype)
+        hidden = d(tokens, feats, pend.positions, mask[None], self.kv, pend.embeds, pend.image_vec)  # [B, m, H]
         self.forwards += 1
         committed = self.kv.length
-        logp = torch.log_softmax(d.logits(hidden[-1]).float(), dim=-1)
+        logp = torch.log_softmax(self._combine(d.logits(hidden[:, -1]).float()), dim=-1)  # [V]
         scores, beam_tokens = logp.topk(k)  # [k]
         cand_tokens, cand_parents, cand_scores = [beam_tokens], [torch.full((k,), -1, device=dev)], [scores]
-        beam_feats = hidden[-1].expand(k, -1)  # features fed with each beam token: its parent's predicted feature
+        beam_feats = hidden[:, -1:].expand(b, k, -1)  # fed with each beam token: its parent's predicted feature
         beam_index = torch.arange(k, device=dev)  # each beam node's index among the candidates
         anc = torch.eye(k, dtype=torch.bool, device=dev)  # beam rows x drafter-cache slots appended this step
         n_cand = k
         for depth in range(1, cfg.depth):
-            pos = torch.full((1, k), root_pos + depth, device=dev)
+            pos = torch.full((b, k), root_pos + depth, device=dev)
             mask = torch.cat([torch.ones(k, committed, dtype=torch.bool, device=dev), anc], dim=1)
-            hidden = d(beam_tokens[None], beam_feats[None], pos, mask[None], self.kv, image_vec=vec)[0]  # [k, H]
+            hidden = d(beam_tokens.expand(b, k), beam_feats, pos, mask[None], self.kv, image_vec=vec)  # [B, k, H]
             self.forwards += 1
-            logp = torch.log_softmax(d.logits(hidden).float(), dim=-1)
+            logp = torch.log_softmax(self._combine(d.logits(hidden).float()), dim=-1)  # [k, V]
             top_lp, top_tok = logp.topk(k, dim=-1)  # [k, k]
             cum = (scores[:, None] + top_lp).flatten()
             cand_tokens.append(top_tok.flatten())
@@ -172,7 +186,7 @@ class EagleProposer:
             scores, best = cum.topk(k)
             parent_row = best // k
             beam_tokens = top_tok.flatten()[best]
-            beam_feats = hidden[parent_row]
+            beam_feats = hidden[:, parent_row]
             beam_index = n_cand + best
             anc = torch.cat([anc[parent_row], torch.eye(k, dtype=torch.bool, device=dev)], dim=1)
             n_cand += k * k

@@ -63,6 +63,7 @@ class TrainConfig:
     max_length: int = 1024
     teacher_cache_gb: float = 2.0  # host memory for reused teacher signals; 0 recomputes them every time
     guidance_scale: float = 5.0  # image targets: the CFG scale the target draws its training images with
+    draft_rows: int = 1  # image targets: 2 trains on both CFG rows for drafting from combined logits (LANTERN)
 
     def __post_init__(self) -> None:
         if not self.teacher_cache_gb >= 0:  # also rejects NaN
@@ -150,7 +151,8 @@ def _example_bytes(ex: Example) -> int:
 
 
 class TeacherCache:
-    """`teach` for the training set, remembered per conversation (by its line in the data file) on the host until
+    """`teach` for the training set (a list of Examples per conversation: one, or one per row of an image drafter),
+    remembered per conversation (by its line in the data file) on the host until
     `budget_bytes` are used up; later conversations are recomputed every time.
 
     The target is frozen and `teach` is deterministic, so a cached Example is exactly what recomputing would give:
@@ -162,16 +164,16 @@ class TeacherCache:
         self.used, self.hits = 0, 0
         self._store: dict[int, Example] = {}
 
-    def __call__(self, conv) -> Example:
+    def __call__(self, conv) -> list[Example]:
         if conv.line_no in self._store:
             self.hits += 1
-            return _example_to(self._store[conv.line_no], self.device)
-        ex = self.compute(conv)
-        size = _example_bytes(ex)
+            return [_example_to(ex, self.device) for ex in self._store[conv.line_no]]
+        exs = self.compute(conv)
+        size = sum(_example_bytes(ex) for ex in exs)
         if self.used + size <= self.budget:
-            self._store[conv.line_no] = _example_to(ex, "cpu")
+            self._store[conv.line_no] = [_example_to(ex, "cpu") for ex in exs]
             self.used += size
-        return ex
+        return exs
 
 
 # ---- the training objective ------------------------------------------------------------------------------------------
@@ -537,7 +539,10 @@ def train_drafter(target: str, data: str | Path, out: str | Path, cfg: TrainConf
             raise InputError(f"cannot create --out {str(out)!r}: {e.strerror or e}") from None
     torch.manual_seed(cfg.seed)
     train_set, eval_set, report, model, processor, adapter = _load_inputs(target, data, cfg, accelerator.device)
-    drafter = Drafter.for_target(model, vision_adaptor=cfg.vision_adaptor, num_queries=cfg.num_queries, fusion=cfg.fusion)
+    if cfg.draft_rows != 1 and not adapter.generates_images:
+        raise InputError("--draft-rows 2 is for AR image generators (both CFG rows); a VLM drafter reads one row")
+    drafter = Drafter.for_target(model, vision_adaptor=cfg.vision_adaptor, num_queries=cfg.num_queries, fusion=cfg.fusion,
+                                 draft_rows=cfg.draft_rows)
     drafter.config.extra["target"] = str(target)  # lets export-drafter find the LM head it shares
     drafter.to(accelerator.device)
     objective = DraftObjective(drafter, cfg.ttt_steps, cfg.noise)
@@ -560,11 +565,11 @@ def train_drafter(target: str, data: str | Path, out: str | Path, cfg: TrainConf
         logger.info("resumed from %s at step %d", ckpt, loop.step)
     want_embeds = drafter.vision is not None
 
-    def teach_one(conv) -> Example:
-        if adapter.generates_images:
+    def teach_one(conv) -> list[Example]:
+        if adapter.generates_images:  # one Example per drafter row
             return teach_image(model, adapter, processor, conv, drafter.config.feature_layers, cfg.guidance_scale,
-                               cfg.seed)
-        return teach(model, adapter, processor, conv, drafter.config.feature_layers, want_embeds, cfg.max_length)
+                               cfg.seed, cfg.draft_rows)
+        return [teach(model, adapter, processor, conv, drafter.config.feature_layers, want_embeds, cfg.max_length)]
 
     cache = TeacherCache(teach_one, int(cfg.teacher_cache_gb * 2**30), accelerator.device)
 
@@ -574,7 +579,7 @@ def train_drafter(target: str, data: str | Path, out: str | Path, cfg: TrainConf
         exs = []
         for conv in items:
             try:
-                exs.append(teacher(conv))
+                exs.extend(teacher(conv))
             except (UserError, ValueError, OSError) as e:
                 loop.skipped += 1
                 logger.warning("skipping %s", e)
@@ -612,6 +617,7 @@ def train_from_args(args) -> dict:
         max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, seed=args.seed,
         ttt_steps=args.ttt_steps, eval_fraction=args.eval_fraction, mixed_precision=args.mixed_precision,
         save_every=args.save_every, max_length=args.max_length, teacher_cache_gb=args.teacher_cache_gb,
+        guidance_scale=args.guidance_scale, draft_rows=args.draft_rows,
     )
     metrics = train_drafter(args.target, args.data, args.out, cfg, device=getattr(args, "device", None))
     held = metrics.get("held_out") or {}

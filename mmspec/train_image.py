@@ -44,8 +44,9 @@ def read_prompts(path) -> list[PromptLine]:
 
 @torch.no_grad()
 def teach_image(model, adapter, processor, line: PromptLine, feature_layers: tuple[int, ...], scale: float,
-                seed: int):
-    """-> a train.Example over prompt + the target's own codes for this line (codes are the learned tokens)."""
+                seed: int, rows: int = 1):
+    """-> train.Examples over prompt + the target's own codes for this line (codes are the learned tokens): rows=1,
+    one for the cond row with the guided logits as teacher; rows=2, one per row with that row's own logits."""
     from .train import Example
 
     inputs = adapter.prepare(processor, line.prompt, []).to(model.device)
@@ -57,21 +58,24 @@ def teach_image(model, adapter, processor, line: PromptLine, feature_layers: tup
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 1_000_003 + line.line_no)
         codes = model.generate(**inputs, generation_mode="image", do_sample=True, guidance_scale=scale)[0]
-    rows = adapter.guidance_rows(inputs, bos, boi, pad)["input_ids"]  # [2, n]
+    ids = adapter.guidance_rows(inputs, bos, boi, pad)["input_ids"]  # [2, n]: cond, uncond
     embed_codes = adapter.code_embedding(model)(codes)
-    embeds = torch.cat([adapter.embed_prompt(model, rows), embed_codes[None].expand(2, -1, -1)], dim=1)
+    embeds = torch.cat([adapter.embed_prompt(model, ids), embed_codes[None].expand(2, -1, -1)], dim=1)
     out = adapter.decoder(model)(inputs_embeds=embeds, output_hidden_states=True, use_cache=False)
     logits = adapter.code_head(model)(out.last_hidden_state)  # [2, m, V]
-    guided = logits[1] + scale * (logits[0] - logits[1])
-    n = rows.shape[1]
-    tokens = torch.cat([rows[0], codes])  # the drafter's token stream: prompt, then codes
-    learned = torch.zeros(tokens.numel(), dtype=torch.bool, device=tokens.device)
-    learned[n:] = True  # pair i predicts token i + 1: the codes after BOI
-    return Example(
-        tokens=tokens,
-        positions=torch.arange(tokens.numel(), device=tokens.device),
-        features=[out.hidden_states[i][0] for i in feature_layers],
-        input_embeds=embeds[0],
-        teacher_logits=guided,
-        assistant=learned,
-    )
+    teachers = [logits[1] + scale * (logits[0] - logits[1])] if rows == 1 else [logits[0], logits[1]]
+    n = ids.shape[1]
+    out_rows = []
+    for r, teacher in enumerate(teachers):
+        tokens = torch.cat([ids[r], codes])  # the drafter's token stream: prompt, then codes
+        learned = torch.zeros(tokens.numel(), dtype=torch.bool, device=tokens.device)
+        learned[n:] = True  # pair i predicts token i + 1: the codes after BOI
+        out_rows.append(Example(
+            tokens=tokens,
+            positions=torch.arange(tokens.numel(), device=tokens.device),
+            features=[out.hidden_states[i][r] for i in feature_layers],
+            input_embeds=embeds[r],
+            teacher_logits=teacher,
+            assistant=learned,
+        ))
+    return out_rows

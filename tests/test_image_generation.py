@@ -119,6 +119,18 @@ def test_neighbours_table(pipe):
     assert not (table == torch.arange(64)[:, None]).any()
 
 
+def test_two_row_drafter_is_lossless(pipe):
+    """A drafter on both CFG rows (draft_rows=2) drafts from the rows' combined logits; output stays exact."""
+    drafter = mmspec.Drafter.for_target(pipe.target, draft_rows=2)
+    both = mmspec.load(pipe.target.name_or_path, drafter=drafter, device="cpu")
+    for prompt in PROMPTS:
+        res = both.generate_image(prompt, temperature=0.0)
+        assert res.token_ids == reference(pipe, prompt, 5.0) and res.stats.draft_forwards > 0
+    with pytest.raises(UserError, match="draft_rows"):
+        mmspec.Drafter.for_target(mmspec.load(pipe.target.name_or_path, drafter="untrained", device="cpu").target,
+                                  draft_rows=3)
+
+
 def test_image_drafter_round_trip(pipe, tmp_path):
     assert pipe.drafter.config.modality == "image" and pipe.drafter.config.vocab_size == 64
     pipe.drafter.save_pretrained(tmp_path / "d")

@@ -1,5 +1,7 @@
 """Layer 1: fixed tables for tree construction (DraftTree, EAGLE-2 rerank, the proposer's beam growth)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -112,6 +114,7 @@ class BigramDrafter:
     """A stand-in drafter whose draft logits depend only on the current token: table[token] (+-100 entries)."""
 
     vision = None
+    config = SimpleNamespace(modality="text")
 
     def __init__(self, table: torch.Tensor):
         self.table = table
