@@ -9,11 +9,15 @@ Every stage is seeded and skipped when its output already exists in --work, so a
 default sizes take about 1.6 hours on a 2-core CPU (docs/mini-models.md: where the time goes, and the pilots
 behind the recipe); --size micro runs the whole path in a minute
 (the test suite does).
+
+`--only gen` builds mini-gen, the image generator, instead (docs/mini-gen.md):
+    gen-world data -> tokenizer -> VQ -> generator (early export, final export) -> verification -> gen_prompts.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -102,7 +106,7 @@ def _half_copy_model(src: Path, dst: Path) -> None:
     AutoProcessor.from_pretrained(str(src)).save_pretrained(str(dst))
 
 
-def _half_copy_drafter(src: Path, dst: Path) -> None:
+def _half_copy_drafter(src: Path, dst: Path, target: str = "mini-vlm") -> None:
     from safetensors.torch import load_file, save_file
 
     from mmspec.drafter import CONFIG_NAME, WEIGHTS_NAME
@@ -111,7 +115,7 @@ def _half_copy_drafter(src: Path, dst: Path) -> None:
     state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(src / WEIGHTS_NAME)).items()}
     save_file(state, str(dst / WEIGHTS_NAME), metadata={"format": "pt"})
     config = json.loads((src / CONFIG_NAME).read_text())
-    config.get("extra", {})["target"] = "mini-vlm"  # a built-in name, not this machine's build path
+    config.get("extra", {})["target"] = target  # a built-in name, not this machine's build path
     (dst / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -254,16 +258,129 @@ def build(work: Path, out: Path, plan: BuildPlan, assets: Path | None = None) ->
     return info
 
 
+DRAFTER_ROWS = 1  # set from the measurement in docs/image-generation.md
+
+
+@dataclass(frozen=True)
+class GenPlan:
+    """mini-gen's build (docs/mini-gen.md): gen-world data -> tokenizer -> VQ -> generator -> export."""
+    size: str = "mini"
+    n_train: int = 20_000
+    n_heldout: int = 512
+    vq_steps: int = 1_500  # ~0.45 s a batch-16 step on 2 free cores, ~1.2 s beside another job
+    vq_batch: int = 16
+    vq_minutes: float = 20.0  # wall-clock cap (the shipped VQ: 12 min, then an 8-min continuation; docs/mini-gen.md)
+    vq_lr: float = 2e-3
+    gen_minutes: float = 60.0  # the generator trains to a wall-clock budget; its cosine schedule follows the clock
+    gen_max_steps: int = 100_000
+    gen_n_train: int = 16_000  # images encoded for the generator: encoding costs ~15 ms an image on 2 busy cores
+    gen_batch: int = 16  # a step of 32 took 2.5-8 s with another job on the CPU: more, smaller steps
+    gen_lr: float = 1e-3
+    export_after_minutes: float = 15.0  # an early export, overwritten by the final one
+    # stochastic re-quantisation of the training codes (train_gen.swap_codes): the code-level ambiguity LANTERN needs
+    code_swap_p: float = 0.8
+    code_swap_k: int = 8
+    n_samples: int = 16  # images in docs/mini-gen-samples.png and in the top-1 probability measurement
+    drafter_prompts: int = 500  # prompt lines mini-gen-drafter trains on (mini-gen draws each image once: cached)
+    drafter_steps: int = 400
+    drafter_rows: int = DRAFTER_ROWS
+    seed: int = 0
+
+
+GEN_PLANS = {
+    "mini": GenPlan(),
+    "micro": GenPlan(size="micro", n_train=64, n_heldout=8, vq_steps=4, vq_batch=8, gen_minutes=0.2,
+                     gen_max_steps=6, gen_batch=8, gen_lr=3e-3, export_after_minutes=0.0, n_samples=1, gen_n_train=64,
+                     drafter_prompts=8, drafter_steps=2),
+}
+GEN_HELDOUT_SEED_OFFSET = 1_000_003
+GEN_ASSET_PROMPTS = 64
+
+
+def build_gen(work: Path, out: Path, plan: GenPlan, assets: Path | None = None, samples_png: Path | None = None,
+              stop_after: str | None = None) -> dict:
+    """Build mini-gen into out/mini-gen; every stage is skipped when its output exists in ``work``."""
+    from .gen_world import make_gen_dataset
+    from .train_gen import (export_gen, finish_gen_export, train_gen_tokenizer, run_vq_stage, train_generator)
+
+    work.mkdir(parents=True, exist_ok=True)
+    info: dict = {"plan": plan.__dict__, "stages_s": {}}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        result = fn()
+        info["stages_s"][name] = round(time.perf_counter() - t0, 1)
+        return result
+
+    data, tok, vq, gen = work / "data", work / "tokenizer", work / "vq", work / "generator"
+    if _stage("gen-data", data / "heldout.jsonl"):
+        timed("gen-data", lambda: (make_gen_dataset(plan.n_train, data, plan.seed, "train"),
+                                   make_gen_dataset(plan.n_heldout, data, plan.seed + GEN_HELDOUT_SEED_OFFSET,
+                                                    "heldout")))
+    if _stage("gen-tokenizer", tok / "tokenizer.json"):
+        prompts = [json.loads(line)["prompt"] for line in open(data / "train.jsonl", encoding="utf-8")]
+        timed("gen-tokenizer", lambda: train_gen_tokenizer(prompts, tok))
+    if _stage("gen-vq", vq / "vq.pt"):
+        timed("gen-vq", lambda: run_vq_stage(plan, data, tok, vq))
+    if stop_after == "vq":
+        return info
+    out_dir = out / "mini-gen"
+
+    def export(model, extra):
+        export_gen(model, tok, out_dir, {**info, **extra, "vq": json.loads((vq / "vq_metrics.json").read_text())})
+
+    if _stage("gen-generator", gen / "done.json"):
+        timed("gen-generator", lambda: train_generator(plan, data, tok, vq, gen, export))
+    info["generator"] = json.loads((gen / "done.json").read_text())
+    info["vq"] = json.loads((vq / "vq_metrics.json").read_text())
+    info["verify"] = finish_gen_export(gen, tok, out_dir, data / "heldout.jsonl", plan.n_samples, samples_png,
+                                       {**info})
+    if _stage("gen-drafter", work / "drafter" / "model.safetensors"):
+        timed("gen-drafter", lambda: _gen_drafter(plan, work, data, out_dir))
+    _half_copy_drafter(work / "drafter", out / "mini-gen-drafter", "mini-gen")
+    if assets is not None:
+        assets.mkdir(parents=True, exist_ok=True)
+        lines = open(data / "heldout.jsonl", encoding="utf-8").read().splitlines()[:GEN_ASSET_PROMPTS]
+        records = [{"prompt": r["prompt"], "scene": r["scene"]} for r in map(json.loads, lines)]
+        (assets / "gen_prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    logger.info("built mini-gen: %s", info["verify"])
+    return info
+
+
+def _gen_drafter(plan: GenPlan, work: Path, data: Path, gen_dir: Path) -> None:
+    """mini-gen-drafter: `train-drafter` on prompt lines, mini-gen drawing its own images (self-distillation).
+    docs/image-generation.md has the cond-row vs both-rows measurement behind draft_rows."""
+    from mmspec.train import TrainConfig, train_drafter
+
+    prompts = work / "drafter_prompts.jsonl"
+    lines = open(data / "train_prompts.jsonl", encoding="utf-8").read().splitlines()[: plan.drafter_prompts]
+    prompts.write_text("\n".join(lines) + "\n")
+    train_drafter(str(gen_dir), prompts, work / "drafter", TrainConfig(
+        vision_adaptor=False, max_steps=plan.drafter_steps, batch_size=8, lr=1e-3, seed=plan.seed,
+        draft_rows=plan.drafter_rows))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmspec.data_tools.build_minis", description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("runs/build_minis"), help="intermediate files (resumable)")
     p.add_argument("--out", type=Path, default=PACKAGE / "models", help="where the fp16 models go")
     p.add_argument("--assets", type=Path, default=PACKAGE / "assets")
     p.add_argument("--size", choices=sorted(PLANS), default="mini")
+    p.add_argument("--only", choices=["vlm", "gen"], default="vlm",
+                   help="vlm: the mini-vlm family (default); gen: mini-gen, the image generator")
+    p.add_argument("--gen-minutes", type=float, help="mini-gen: the generator's wall-clock training budget")
+    p.add_argument("--stop-after", choices=["vq"], help="mini-gen: stop after this stage")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        build(args.work, args.out, PLANS[args.size], args.assets)
+        if args.only == "gen":
+            plan = GEN_PLANS[args.size]
+            if args.gen_minutes is not None:
+                plan = dataclasses.replace(plan, gen_minutes=args.gen_minutes)
+            samples = PACKAGE.parent / "docs" / "mini-gen-samples.png" if args.size == "mini" else None
+            build_gen(args.work, args.out, plan, args.assets, samples, args.stop_after)
+        else:
+            build(args.work, args.out, PLANS[args.size], args.assets)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"build_minis: error: {e}", file=sys.stderr)
         return 2

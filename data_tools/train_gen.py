@@ -1,0 +1,477 @@
+"""mini-gen's text tokenizer, processor and Janus configuration.
+
+mini-gen is a stock ``transformers.JanusForConditionalGeneration``, so mmspec drives it exactly as it drives
+Janus / Janus-Pro. The prompt format is Janus's: ``<s><|User|>: {prompt}\\n\\n<|Assistant|>:`` from the chat template
+(with ``add_generation_prompt=True``), and ``processor(text=..., generation_mode="image")`` appends
+``<begin_of_image>``. ``<|User|>`` and ``<|Assistant|>`` are single special tokens, which keeps prompts short.
+
+The understanding tower (vision_model + aligner + lm_head) is tiny and untrained: Janus needs it to exist, mini-gen
+only generates images.
+
+``GenerationConfig.from_pretrained`` drops ``generation_kwargs``, and Janus's image ``generate`` reads
+``generation_config.generation_kwargs["boi_token_id"]`` to build the unconditional row, so a reloaded checkpoint
+needs it set again: ``load_mini_gen`` does that from ``mmspec_gen.json`` (written beside the weights).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (GenerationConfig, JanusConfig, JanusForConditionalGeneration, JanusImageProcessor,
+                          JanusProcessor, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig, PreTrainedTokenizerFast)
+
+from .gen_world import IMAGE_PX
+from .tokenizer import BOS, EOS, PAD
+
+logger = logging.getLogger(__name__)
+
+IMAGE, BOI, EOI = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
+USER, ASSISTANT = "<|User|>", "<|Assistant|>"
+SPECIAL_TOKENS = (BOS, EOS, PAD, IMAGE, BOI, EOI, USER, ASSISTANT)  # ids 0-7 in this order
+VOCAB_SIZE = 512
+PATCH = 4  # 32 px / 4 = 8x8 = 64 image tokens; the VQ also downsamples by 4 (channel_multiplier has 3 levels)
+NUM_IMAGE_TOKENS = (IMAGE_PX // PATCH) ** 2
+SIDECAR = "mmspec_gen.json"
+COND_DROPOUT = 0.1  # share of training rows without their prompt, for classifier-free guidance
+CKPT_SECONDS = 300
+
+# Janus's conversation format: a user turn, then the assistant prefix the image follows.
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
+    "{%- else -%}{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text')"
+    " | join(' ') -%}{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}{{- '<|User|>: ' + text + '\\n\\n' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- '<|Assistant|>: ' + text + eos_token + '\\n\\n' -}}"
+    "{%- else -%}{{- text + '\\n\\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|Assistant|>:' -}}{%- endif -%}"
+)
+
+# size -> (text hidden, layers, heads, intermediate, vq codebook size)
+SIZES = {"mini": (256, 4, 4, 688, 512), "micro": (64, 1, 2, 128, 64)}
+
+
+def train_gen_tokenizer(prompts, out_dir: Path | None = None, vocab_size: int = VOCAB_SIZE):
+    """Byte-level BPE on the prompts (the recipe of data_tools/tokenizer.py, with Janus's special tokens)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)  # no BOS insertion: the template writes <s>
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(prompts, trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        extra_special_tokens={"image_token": IMAGE, "boi_token": BOI, "eoi_token": EOI},  # read by JanusProcessor
+        chat_template=CHAT_TEMPLATE, model_max_length=256, clean_up_tokenization_spaces=False)
+    logger.info("trained a byte-level BPE tokenizer with %d tokens", len(hf))
+    if out_dir is not None:
+        hf.save_pretrained(str(out_dir))
+    return hf
+
+
+def make_processor(tokenizer) -> JanusProcessor:
+    image_processor = JanusImageProcessor(size={"height": IMAGE_PX, "width": IMAGE_PX}, image_mean=[0.5] * 3,
+                                          image_std=[0.5] * 3, min_size=IMAGE_PX // 2)
+    return JanusProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
+                          num_image_tokens=NUM_IMAGE_TOKENS)
+
+
+def chat_prompt(processor, prompt: str) -> str:
+    """The templated text (before <begin_of_image>) for one prompt."""
+    return processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": prompt}]}],
+                                         add_generation_prompt=True)
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids equal to ``processor(text=chat_prompt(p), generation_mode="image")["input_ids"]``, without the
+    processor's per-call overhead (a test checks they agree)."""
+    text = f"{BOS}{USER}: {prompt}\n\n{ASSISTANT}:{BOI}"
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def gen_config(tokenizer, size: str = "mini") -> JanusConfig:
+    hidden, layers, heads, inter, codes = SIZES[size]
+    ids = {name: tokenizer.convert_tokens_to_ids(t) for name, t in (("bos", BOS), ("eos", EOS), ("pad", PAD))}
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=heads, intermediate_size=inter,
+                       max_position_embeddings=256, bos_token_id=ids["bos"], eos_token_id=ids["eos"],
+                       pad_token_id=ids["pad"], tie_word_embeddings=False)
+    vision = JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=IMAGE_PX,
+                               patch_size=PATCH, projection_dim=hidden, num_image_tokens=NUM_IMAGE_TOKENS,
+                               mlp_ratio=2.0)
+    # base_channels 32 is the floor (GroupNorm has 32 groups); three levels downsample 32 px by 4 to an 8x8 grid.
+    vq = JanusVQVAEConfig(embed_dim=8, num_embeddings=codes, latent_channels=64, base_channels=32,
+                          channel_multiplier=[1, 2, 2], num_res_blocks=1, projection_dim=hidden,
+                          image_token_embed_dim=hidden)
+    return JanusConfig(text_config=text, vision_config=vision, vq_config=vq,
+                       image_token_id=tokenizer.convert_tokens_to_ids(IMAGE), tie_word_embeddings=False)
+
+
+def generation_config(tokenizer) -> GenerationConfig:
+    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id,
+                            generation_kwargs={"boi_token_id": tokenizer.convert_tokens_to_ids(BOI)})
+
+
+def build_gen_model(tokenizer, size: str = "mini", seed: int = 0) -> JanusForConditionalGeneration:
+    torch.manual_seed(seed)
+    model = JanusForConditionalGeneration(gen_config(tokenizer, size))
+    model.generation_config = generation_config(tokenizer)
+    return model
+
+
+def load_mini_gen(path: str | Path, dtype=torch.float32):
+    """(model, processor) from a mini-gen directory, with boi_token_id restored (see the module docstring)."""
+    model = JanusForConditionalGeneration.from_pretrained(str(path), dtype=dtype)
+    processor = JanusProcessor.from_pretrained(str(path))
+    extra = json.loads((Path(path) / SIDECAR).read_text())
+    model.generation_config.generation_kwargs = {"boi_token_id": extra["boi_token_id"]}
+    return model.eval(), processor
+
+
+# ------------------------------------------------------------------------------------------------------ build stages
+def run_vq_stage(plan, data: Path, tok_dir: Path, out_dir: Path) -> dict:
+    """Train the VQ of a fresh mini-gen on data/train.jsonl's images; out_dir/vq.pt holds its state dict."""
+    from transformers import AutoTokenizer
+
+    from .train_vq import load_images, train_vq
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    vqmodel = build_gen_model(tokenizer, plan.size, plan.seed).model.vqmodel
+    images, masks = load_images(data / "train.jsonl", data / "train_images.pt")
+    held_out, _ = load_images(data / "heldout.jsonl", data / "heldout_images.pt")
+    return train_vq(vqmodel, images, masks, held_out, out_dir, steps=plan.vq_steps, batch_size=plan.vq_batch,
+                    lr=plan.vq_lr, seed=plan.seed, log_every=50 if plan.size == "mini" else 1,
+                    minutes=plan.vq_minutes)
+
+
+def _load_records(jsonl: Path, limit: int | None = None) -> list[dict]:
+    with open(jsonl, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()][:limit]
+    return [json.loads(line) for line in lines]
+
+
+def _encode_all(vqmodel, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """uint8 images [N, 3, 32, 32] -> codes [N, 64] long (the frozen VQ's, computed once)."""
+    from tqdm import tqdm
+
+    from .train_vq import encode_codes, to_pixels
+
+    chunks = [encode_codes(vqmodel, to_pixels(images[i:i + batch]))
+              for i in tqdm(range(0, len(images), batch), desc="encoding images", unit="batch", disable=None)]
+    return torch.cat(chunks)
+
+
+def _batch(model, ids: list[list[int]], codes: torch.Tensor, pad: int, keep: set[int], drop: torch.Tensor):
+    """Logits [B, 64, V] for prompts ``ids`` (left-padded here) followed by their codes [B, 64].
+
+    Rows where ``drop`` is true are the unconditional ones, built as Janus's generate builds them: every prompt
+    token other than BOS and BOI becomes the pad token, same length, still attended (~10 % condition dropout)."""
+    length = max(len(x) for x in ids)
+    tok = torch.full((len(ids), length), pad, dtype=torch.long)
+    mask = torch.zeros(len(ids), length, dtype=torch.long)
+    for r, x in enumerate(ids):
+        tok[r, length - len(x):], mask[r, length - len(x):] = torch.tensor(x), 1
+    is_kept = torch.zeros_like(tok, dtype=torch.bool)
+    for k in keep:
+        is_kept |= tok == k
+    tok = torch.where(drop[:, None] & ~is_kept & (mask == 1), torch.full_like(tok, pad), tok)
+    embeds = torch.cat([model.get_input_embeddings()(tok),
+                        model.prepare_embeddings_for_image_generation(codes[:, :-1])], dim=1)
+    full_mask = torch.cat([mask, torch.ones(len(ids), codes.shape[1] - 1, dtype=torch.long)], dim=1)
+    positions = (full_mask.cumsum(-1) - 1).clamp_min(0)  # left padding: the first real token sits at position 0
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=full_mask,
+                                        position_ids=positions).last_hidden_state
+    return model.model.generation_head(hidden[:, length - 1:])  # from BOI on: each position predicts the next code
+
+
+@torch.no_grad()
+def _heldout_loss(model, ids, codes, pad, keep, batch: int = 64) -> float:
+    model.eval()
+    total = 0.0
+    for i in range(0, len(ids), batch):
+        logits = _batch(model, ids[i:i + batch], codes[i:i + batch], pad, keep,
+                        torch.zeros(len(ids[i:i + batch]), dtype=torch.bool))
+        total += F.cross_entropy(logits.flatten(0, 1), codes[i:i + batch].flatten(), reduction="sum").item()
+    model.train()
+    return total / codes.numel()
+
+
+def _prepare_generator(plan, data: Path, tok_dir: Path, vq_dir: Path, out_dir: Path):
+    """The model (trained VQ loaded, generation embeddings = its normalised codebook) and the encoded data."""
+    from transformers import AutoTokenizer
+
+    from .train_vq import load_images
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    model = build_gen_model(tokenizer, plan.size, plan.seed)
+    model.model.vqmodel.load_state_dict(torch.load(vq_dir / "vq.pt"))
+    model.model.vqmodel.eval()
+    with torch.no_grad():
+        codebook = model.model.vqmodel.quantize.embedding.weight
+        model.model.generation_embeddings.weight.copy_(F.normalize(codebook, dim=-1))
+    cache = out_dir / "codes.pt"
+    train = _load_records(data / "train.jsonl", plan.gen_n_train)
+    held = _load_records(data / "heldout.jsonl")
+    if cache.exists():
+        codes = torch.load(cache)
+    else:
+        images, _ = load_images(data / "train.jsonl", data / "train_images.pt")
+        held_images, _ = load_images(data / "heldout.jsonl", data / "heldout_images.pt")
+        codes = {"train": _encode_all(model.model.vqmodel, images[:len(train)]),
+                 "heldout": _encode_all(model.model.vqmodel, held_images)}
+        torch.save(codes, cache)
+    ids = {"train": [prompt_ids(tokenizer, r["prompt"]) for r in train],
+           "heldout": [prompt_ids(tokenizer, r["prompt"]) for r in held]}
+    return tokenizer, model, ids, codes
+
+
+def _trainable(model) -> list[torch.nn.Parameter]:
+    """The generation path: language model, generation embeddings / aligner / head. VQ and understanding tower
+    stay as they are (frozen VQ; untrained tower)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    parts = (model.model.language_model, model.model.generation_embeddings, model.model.generation_aligner,
+             model.model.generation_head)
+    params = [p for m in parts for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def train_generator(plan, data: Path, tok_dir: Path, vq_dir: Path, out_dir: Path, export_fn=None) -> dict:
+    """Train the generator for ``plan.gen_minutes`` of wall clock (or ``plan.gen_max_steps``); resumable from
+    out_dir/ckpt.pt. ``export_fn(model, info)`` is called once after ``plan.export_after_minutes`` and at the end;
+    out_dir/final.pt holds the final state dict and out_dir/done.json the training record."""
+    import time
+
+    from .train_vq import pick_threads
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    threads = pick_threads(0)
+    tokenizer, model, ids, codes = _prepare_generator(plan, data, tok_dir, vq_dir, out_dir)
+    pad, keep = tokenizer.pad_token_id, {tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids(BOI)}
+    params = _trainable(model)
+    neighbours = code_neighbours(model.model.vqmodel.quantize.embedding.weight, plan.code_swap_k)
+    opt = torch.optim.AdamW(params, lr=plan.gen_lr, betas=(0.9, 0.95), weight_decay=0.05)
+    g = torch.Generator().manual_seed(plan.seed)
+    state = {"step": 0, "elapsed": 0.0, "exported_early": False, "log": []}
+    ckpt = out_dir / "ckpt.pt"
+    if ckpt.exists():
+        blob = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(blob["model"])
+        opt.load_state_dict(blob["opt"])
+        g.set_state(blob["rng"])
+        state = blob["state"]
+        logger.info("resumed the generator at step %d (%.1f min)", state["step"], state["elapsed"] / 60)
+    budget, n = plan.gen_minutes * 60, len(ids["train"])
+    held_ids, held_codes = ids["heldout"][:256], codes["heldout"][:256]
+    model.train()
+    t_start, last_ckpt, losses = time.perf_counter() - state["elapsed"], time.perf_counter(), []
+
+    def save_ckpt():
+        tmp = out_dir / "ckpt.tmp"
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": g.get_state(), "state": state}, tmp)
+        tmp.replace(ckpt)
+
+    while state["step"] < plan.gen_max_steps and state["elapsed"] < budget:
+        progress = state["elapsed"] / budget  # the cosine follows the clock, so any budget ends annealed
+        lr = plan.gen_lr * min(1.0, (state["step"] + 1) / 200) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(n, (plan.gen_batch,), generator=g)
+        drop = torch.rand(plan.gen_batch, generator=g) < COND_DROPOUT
+        target = swap_codes(codes["train"][idx], neighbours, plan.code_swap_p, g)
+        logits = _batch(model, [ids["train"][i] for i in idx], target, pad, keep, drop)
+        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        state["step"] += 1
+        state["elapsed"] = time.perf_counter() - t_start
+        if state["step"] % 100 == 0:
+            threads = pick_threads(threads)
+        if state["step"] % 50 == 0:
+            logger.info("gen step %d loss %.4f lr %.2e (%.1f min, %.2f s/step)", state["step"],
+                        sum(losses[-50:]) / len(losses[-50:]), lr, state["elapsed"] / 60,
+                        state["elapsed"] / max(1, state["step"]))
+        if time.perf_counter() - last_ckpt > CKPT_SECONDS:
+            held = _heldout_loss(model, held_ids, held_codes, pad, keep)
+            state["log"].append({"step": state["step"], "minutes": round(state["elapsed"] / 60, 1),
+                                 "train_loss": round(sum(losses[-100:]) / len(losses[-100:]), 4),
+                                 "heldout_loss": round(held, 4)})
+            logger.info("gen checkpoint: %s", state["log"][-1])
+            save_ckpt()
+            last_ckpt = time.perf_counter()
+        if (export_fn is not None and not state["exported_early"] and 0 < plan.export_after_minutes
+                and state["elapsed"] > plan.export_after_minutes * 60):
+            state["exported_early"] = True
+            export_fn(model, {"generator": {**_record(state, losses), "final": False}})
+    state["elapsed"] = time.perf_counter() - t_start
+    save_ckpt()
+    record = {**_record(state, losses), "heldout_loss": round(_heldout_loss(model, held_ids, held_codes, pad, keep), 4),
+              "final": True}
+    torch.save(model.state_dict(), out_dir / "final.pt")
+    (out_dir / "done.json").write_text(json.dumps(record, indent=1) + "\n")
+    logger.info("generator done: %s", {k: v for k, v in record.items() if k != "log"})
+    if export_fn is not None:
+        export_fn(model, {"generator": record})
+    return record
+
+
+def code_neighbours(codebook: torch.Tensor, k: int) -> torch.Tensor:
+    """[V, k] each code's k nearest other codes by cosine (the geometry decode uses), nearest first."""
+    e = F.normalize(codebook.detach().float(), dim=-1)
+    sim = e @ e.t()
+    sim.fill_diagonal_(-2.0)
+    return sim.topk(k, dim=-1).indices
+
+
+def swap_codes(codes: torch.Tensor, neighbours: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
+    """Stochastic re-quantisation: each code [B, 64] becomes, with probability p, one of its k nearest neighbours.
+
+    The small VQ smooths the rendered pixel noise away, so without this each image has one deterministic code
+    sequence and the target grew sure of every code (mean top-1 probability 0.60 with CFG 5 at T = 1 after 2,200
+    steps). Neighbour codes decode to visibly the same patch (cosine >= 0.87 for the 8 nearest), so this puts the
+    image-level noise back as the code-level ambiguity LANTERN relaxes (Jang et al., ICLR 2025): the target learns
+    to spread a patch's mass over near-interchangeable codes."""
+    if p <= 0:
+        return codes
+    swap = torch.rand(codes.shape, generator=g) < p
+    pick = neighbours[codes, torch.randint(neighbours.shape[1], codes.shape, generator=g)]
+    return torch.where(swap, pick, codes)
+
+
+def _record(state: dict, losses: list[float]) -> dict:
+    recent = losses[-100:] or [float("nan")]
+    return {"steps": state["step"], "minutes": round(state["elapsed"] / 60, 1),
+            "train_loss": round(sum(recent) / len(recent), 4), "log": state["log"]}
+
+
+# ------------------------------------------------------------------------------------------------------------ export
+def export_gen(model, tok_dir: Path, out_dir: Path, info: dict) -> None:
+    """fp16 safetensors + processor + mmspec_gen.json + build_info.json, swapped into ``out_dir`` in one rename."""
+    import copy
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
+    for p in (tmp, old):
+        shutil.rmtree(p, ignore_errors=True)
+    half = copy.deepcopy(model).half().eval()
+    half.generation_config = generation_config(tokenizer)
+    half.save_pretrained(str(tmp))
+    make_processor(tokenizer).save_pretrained(str(tmp))
+    (tmp / SIDECAR).write_text(json.dumps(sidecar(tokenizer), indent=1) + "\n")
+    (tmp / "build_info.json").write_text(json.dumps(info, indent=1, default=str) + "\n")
+    for f in tmp.iterdir():
+        f.chmod(0o644)  # save_pretrained writes the weights owner-only; the package is read by everyone
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    logger.info("exported mini-gen to %s", out_dir)
+
+
+def sidecar(tokenizer) -> dict:
+    return {"boi_token_id": tokenizer.convert_tokens_to_ids(BOI),
+            "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE),
+            "num_image_tokens": NUM_IMAGE_TOKENS, "image_px": IMAGE_PX, "grid": [IMAGE_PX // PATCH] * 2,
+            "pixel_range": "decode() returns -1..1 (processor mean = std = 0.5); processor.postprocess maps to 0..255",
+            "prompt_format": "<s><|User|>: {prompt}\n\n<|Assistant|>:<begin_of_image>",
+            "quantisation": "l2-normalised encoder output and codebook, nearest by cosine",
+            "understanding_tower": "tiny and untrained"}
+
+
+# ------------------------------------------------------------------------------------------------------ verification
+def cfg_top1(model, input_ids: torch.Tensor, codes: torch.Tensor, pad: int, keep: set[int],
+             guidance: float = 5.0) -> torch.Tensor:
+    """The target's top-1 probability at each code position [64] of one prompt's codes [1, 64], with CFG at T=1:
+    softmax(uncond + guidance * (cond - uncond)), the combination Janus's ClassifierFreeGuidanceLogitsProcessor uses."""
+    ids = input_ids[0].tolist()
+    two = _batch(model, [ids, ids], codes.repeat(2, 1), pad, keep, torch.tensor([False, True]))
+    logits = two[1] + guidance * (two[0] - two[1])
+    return logits.softmax(-1).max(-1).values
+
+
+def to_pil(model, processor, codes: torch.Tensor) -> list:
+    """codes [B, 64] -> PIL images through the stock decode and processor.postprocess (its "PIL.Image.Image"
+    return type fails in transformers 5.24, so the uint8 tensors are converted here)."""
+    from PIL import Image
+
+    pixels = model.decode_image_tokens(codes).float()  # [B, 32, 32, 3], -1..1
+    images = processor.postprocess(list(pixels), return_tensors="pt")["pixel_values"]  # [B, 3, 32, 32] uint8
+    return [Image.fromarray(im.permute(1, 2, 0).contiguous().numpy()) for im in images]
+
+
+def sample_grid(images: list, prompts: list[str], path: Path, scale: int = 4) -> None:
+    """Images in a 4-wide grid, each over its (wrapped) prompt."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    side, text_h, cols = 32 * scale, 96, 4
+    rows = (len(images) + cols - 1) // cols
+    grid = Image.new("RGB", (cols * (side + 8), rows * (side + text_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (im, prompt) in enumerate(zip(images, prompts)):
+        x, y = (i % cols) * (side + 8), (i // cols) * (side + text_h)
+        grid.paste(im.resize((side, side), Image.NEAREST), (x, y))
+        draw.multiline_text((x, y + side + 2), "\n".join(textwrap.wrap(prompt, 24)[:8]), fill="black")
+    grid.save(path)
+
+
+@torch.no_grad()
+def verify_gen(model_dir: Path, heldout_jsonl: Path, n: int, samples_png: Path | None, seed: int = 0) -> dict:
+    """Reload the export, generate n held-out prompts with Janus's own generate (CFG 5, T=1), measure the target's
+    mean top-1 probability on those codes and save a sample grid."""
+    model, processor = load_mini_gen(model_dir)
+    tokenizer = processor.tokenizer
+    pad, keep = tokenizer.pad_token_id, {tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids(BOI)}
+    records = _load_records(heldout_jsonl, n)
+    torch.manual_seed(seed)  # generate samples with torch's global generator
+    all_codes, top1 = [], []
+    for r in records:
+        inputs = processor(text=chat_prompt(processor, r["prompt"]), generation_mode="image", return_tensors="pt")
+        codes = model.generate(**inputs, generation_mode="image", do_sample=True, guidance_scale=5.0)
+        if codes.shape != (1, NUM_IMAGE_TOKENS):
+            raise RuntimeError(f"generate returned {tuple(codes.shape)}, expected (1, {NUM_IMAGE_TOKENS})")
+        all_codes.append(codes)
+        top1.append(cfg_top1(model, inputs["input_ids"], codes, pad, keep))
+    codes = torch.cat(all_codes)
+    images = to_pil(model, processor, codes)
+    if samples_png is not None:
+        samples_png.parent.mkdir(parents=True, exist_ok=True)
+        sample_grid(images, [r["prompt"] for r in records], samples_png)
+    result = {"n": len(records), "codes_shape": list(codes.shape), "image_size": list(images[0].size),
+              "mean_top1_prob_cfg5_t1": round(torch.stack(top1).mean().item(), 4),
+              "distinct_codes": int(codes.unique().numel())}
+    logger.info("verified %s: %s", model_dir, result)
+    return result
+
+
+def finish_gen_export(gen_dir: Path, tok_dir: Path, out_dir: Path, heldout_jsonl: Path, n_samples: int,
+                      samples_png: Path | None, info: dict) -> dict:
+    """Verify the final export and record the result in its build_info.json (kept in gen_dir/verify.json)."""
+    done = gen_dir / "verify.json"
+    if done.exists() and (out_dir / "build_info.json").exists():
+        return json.loads(done.read_text())
+    result = verify_gen(out_dir, heldout_jsonl, n_samples, samples_png or gen_dir / "samples.png")
+    done.write_text(json.dumps(result, indent=1) + "\n")
+    recorded = json.loads((out_dir / "build_info.json").read_text())
+    recorded.update({**info, "verify": result})
+    (out_dir / "build_info.json").write_text(json.dumps(recorded, indent=1, default=str) + "\n")
+    return result

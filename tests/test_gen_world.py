@@ -1,0 +1,137 @@
+"""mini-gen's data, tokenizer, VQ rule and the micro build of the whole gen path."""
+
+import json
+import math
+import re
+
+import pytest
+import torch
+
+import mmspec
+
+from mmspec.data_tools.build_minis import GEN_PLANS, build_gen
+from mmspec.data_tools.gen_world import (IMAGE_PX, expected_answers, make_gen_dataset, object_mask_32, prompt_of,
+                                         render_textured, sample_gen_scene)
+from mmspec.data_tools.shapes_world import COLOURS, POSITION_PHRASES, Scene
+from mmspec.data_tools.train_gen import (BOI, NUM_IMAGE_TOKENS, build_gen_model, chat_prompt, code_neighbours,
+                                         load_mini_gen, make_processor, prompt_ids, swap_codes, train_gen_tokenizer)
+from mmspec.data_tools.train_vq import encode_codes
+
+
+def _scenes(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [sample_gen_scene(g) for _ in range(n)]
+
+
+def _pixels(im):
+    return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(IMAGE_PX, IMAGE_PX, 3).float()
+
+
+def test_render_is_pure_textured_and_keeps_colours():
+    for scene in _scenes(12):
+        im = render_textured(scene)
+        assert im.size == (IMAGE_PX, IMAGE_PX) and im.mode == "RGB"
+        assert im.tobytes() == render_textured(Scene.from_dict(scene.to_dict())).tobytes()
+        px, mask = _pixels(im), object_mask_32(scene)
+        # textured: the background is far from flat
+        assert px[mask < 0.01].std(0).mean() > 5
+        # but each object's mean colour is still nearest to its own named colour
+        for o in scene.objects:
+            alone = object_mask_32(Scene((o,), scene.background))
+            mean = px[alone > 0.95].mean(0).tolist()
+            nearest = min(COLOURS, key=lambda c: math.dist(COLOURS[c], mean))
+            assert nearest == o.colour, (o, mean)
+
+
+def test_scene_count_prompt_and_answers():
+    g = torch.Generator().manual_seed(3)
+    counts = set()
+    for scene in _scenes(60, seed=1):
+        counts.add(len(scene.objects))
+        prompt = prompt_of(scene, g)
+        for o in scene.objects:
+            assert f"{o.colour} {o.shape} {POSITION_PHRASES[o.cell]}" in prompt
+        assert len(re.findall(r"\ba (?:small|big|large) ", prompt)) == len(scene.objects)
+        ans = expected_answers(scene)
+        assert ans["count"] == len(scene.objects) and ans["colours"] == {o.colour for o in scene.objects}
+    assert counts == {1, 2, 3}
+    a, b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert [prompt_of(s, a) for s in _scenes(5)] == [prompt_of(s, b) for s in _scenes(5)]
+
+
+def test_dataset_is_seeded(tmp_path):
+    p1 = make_gen_dataset(4, tmp_path / "a", seed=9)
+    p2 = make_gen_dataset(4, tmp_path / "b", seed=9)
+    assert p1.read_bytes() == p2.read_bytes()
+    rows = [json.loads(x) for x in p1.read_text().splitlines()]
+    assert len(rows) == 4 and all((p1.parent / r["image"]).is_file() for r in rows)
+    assert [json.loads(x) for x in (tmp_path / "a" / "train_prompts.jsonl").read_text().splitlines()] == \
+        [{"prompt": r["prompt"]} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    g = torch.Generator().manual_seed(0)
+    return train_gen_tokenizer([prompt_of(s, g) for s in _scenes(300)])
+
+
+def test_processor_builds_janus_image_prompt(tokenizer):
+    processor = make_processor(tokenizer)
+    text = chat_prompt(processor, "a small red circle in the center")
+    assert text == "<s><|User|>: a small red circle in the center\n\n<|Assistant|>:"
+    ids = processor(text=text, generation_mode="image", return_tensors="pt")["input_ids"][0].tolist()
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.convert_tokens_to_ids(BOI)
+    assert ids.count(tokenizer.bos_token_id) == 1
+    assert prompt_ids(tokenizer, "a small red circle in the center") == ids
+
+
+def test_encode_codes_uses_the_rule_decode_inverts(tokenizer):
+    vq = build_gen_model(tokenizer, "micro").model.vqmodel.eval()
+    x = torch.rand(2, 3, IMAGE_PX, IMAGE_PX) * 2 - 1
+    codes = encode_codes(vq, x)
+    assert codes.shape == (2, NUM_IMAGE_TOKENS)
+    with torch.no_grad():
+        z = torch.nn.functional.normalize(vq.quant_conv(vq.encoder(x)).permute(0, 2, 3, 1).flatten(1, 2), dim=-1)
+        picked = vq.quantize.get_codebook_entry(codes).permute(0, 2, 3, 1).flatten(1, 2)  # what decode() reads
+        best = (z @ torch.nn.functional.normalize(vq.quantize.embedding.weight, dim=-1).t()).max(-1).values
+    assert torch.allclose((z * picked).sum(-1), best, atol=1e-5)
+
+
+def test_code_swaps_stay_among_cosine_neighbours():
+    codebook = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+    nb = code_neighbours(codebook, 4)
+    e = torch.nn.functional.normalize(codebook, dim=-1)
+    sim = e @ e.t()
+    assert torch.equal(nb[0], sim[0, 1:].topk(4).indices + 1)  # nearest first, the code itself excluded
+    codes = torch.randint(32, (64, 64), generator=torch.Generator().manual_seed(1))
+    out = swap_codes(codes, nb, 0.5, torch.Generator().manual_seed(2))
+    changed = out != codes
+    assert 0.4 < changed.float().mean() < 0.6
+    assert (nb[codes[changed]] == out[changed][:, None]).any(-1).all()
+    assert torch.equal(swap_codes(codes, nb, 0.0, torch.Generator()), codes)
+
+
+def test_micro_gen_build(tmp_path):
+    out, assets, work = tmp_path / "models", tmp_path / "assets", tmp_path / "work"
+    info = build_gen(work, out, GEN_PLANS["micro"], assets)
+    assert set(info["stages_s"]) == {"gen-data", "gen-tokenizer", "gen-vq", "gen-generator", "gen-drafter"}
+    drafter = mmspec.Drafter.from_pretrained(out / "mini-gen-drafter")
+    assert drafter.config.modality == "image" and drafter.config.extra["target"] == "mini-gen"
+    assert info["verify"]["codes_shape"] == [GEN_PLANS["micro"].n_samples, NUM_IMAGE_TOKENS]
+    model, processor = load_mini_gen(out / "mini-gen")
+    assert model.generation_config.generation_kwargs["boi_token_id"] == processor.tokenizer.convert_tokens_to_ids(BOI)
+    recorded = json.loads((out / "mini-gen" / "build_info.json").read_text())
+    assert recorded["generator"]["steps"] == GEN_PLANS["micro"].gen_max_steps and "psnr" in recorded["vq"]
+    inputs = processor(text=chat_prompt(processor, "a big blue square in the center"), generation_mode="image",
+                       return_tensors="pt")
+    torch.manual_seed(0)
+    codes = model.generate(**inputs, generation_mode="image", do_sample=True, guidance_scale=5.0)
+    assert codes.shape == (1, NUM_IMAGE_TOKENS)
+    assert 0 <= codes.min() and codes.max() < model.config.vq_config.num_embeddings
+    pixels = processor.postprocess(list(model.decode_image_tokens(codes).float()), return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, IMAGE_PX, IMAGE_PX) and pixels.dtype == torch.uint8
+    prompts = [json.loads(x) for x in (assets / "gen_prompts.jsonl").read_text().splitlines()]
+    assert prompts and set(prompts[0]) == {"prompt", "scene"}
+    # A second run finds every stage built: nothing trains again.
+    again = build_gen(work, out, GEN_PLANS["micro"], assets)
+    assert again["stages_s"] == {}
