@@ -91,7 +91,7 @@ class Demo:
         for step, ev in enumerate(events):
             steps += [step] * len(ev.token_ids)
             drafted += [True] * ev.num_accepted + [False] * (len(ev.token_ids) - ev.num_accepted)
-            image = ev.image or image
+            image = _shown(ev.image) or image
             stats = ev.stats
             yield image, _speed_line(stats, unit="codes"), code_map_html(grid, steps, drafted)
         if compare:
@@ -127,6 +127,14 @@ class Demo:
             return fn()
         except UserError as e:
             raise _error(str(e)) from None
+
+
+def _shown(image):
+    """A small generated image (mini-gen's are 32 px) scaled up by whole pixels to ~256 px, so codes stay visible."""
+    if image is None:
+        return None
+    k = max(1, 256 // max(image.size))
+    return image.resize((image.width * k, image.height * k), resample=0)  # 0 = nearest
 
 
 def _preview(path: str | None):
