@@ -57,6 +57,26 @@ def _add_model_args(p: argparse.ArgumentParser, drafter: bool = True) -> None:
     p.add_argument("--tree", default=None, help="tree preset: chain, cpu, default, gpu (default: cpu on CPU, gpu on CUDA)")
 
 
+def _add_generate_image_parser(sub) -> None:
+    """`mmspec generate-image`: the image-generation contract's flags."""
+    gen = sub.add_parser("generate-image", help="generate an image with an AR image generator (Janus family)")
+    gen.add_argument("prompt")
+    gen.add_argument("--out", type=Path, required=True, help="image file to write (.png, .jpg, ...)")
+    _add_model_args(gen)
+    gen.set_defaults(target="mini-gen")
+    gen.add_argument("--acceptance", choices=sorted(RULES), default="exact")
+    gen.add_argument("--lantern-k", type=_positive_int, default=None, help="neighbours per drafted code (default 8)")
+    gen.add_argument("--lantern-delta", type=float, default=None, help="LANTERN's total-variation bound (default 0.2)")
+    gen.add_argument("--lantern-lam", type=float, default=None, help="LANTERN++'s cap p~(x) <= lam p(x) (default 2)")
+    gen.add_argument("--guidance-scale", type=float, default=5.0)
+    gen.add_argument("--temperature", type=_nonneg_float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--compare", action="store_true", help="also generate without drafting and print both speeds")
+    gen.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="mmspec", description="Multimodal speculative decoding (EAGLE-style trees, ViSpec drafters).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
@@ -114,22 +134,7 @@ def build_parser() -> Parser:
                     help="image targets: 1 drafts from the cond row (trained on the guided distribution), 2 from "
                          "both CFG rows' combined logits (LANTERN)")
 
-    gen = sub.add_parser("generate-image", help="generate an image with an AR image generator (Janus family)")
-    gen.add_argument("prompt")
-    gen.add_argument("--out", type=Path, required=True, help="image file to write (.png, .jpg, ...)")
-    _add_model_args(gen)
-    gen.set_defaults(target="mini-gen")
-    gen.add_argument("--acceptance", choices=sorted(RULES), default="exact")
-    gen.add_argument("--lantern-k", type=_positive_int, default=None, help="neighbours per drafted code (default 8)")
-    gen.add_argument("--lantern-delta", type=float, default=None, help="LANTERN's total-variation bound (default 0.2)")
-    gen.add_argument("--lantern-lam", type=float, default=None, help="LANTERN++'s cap p~(x) <= lam p(x) (default 2)")
-    gen.add_argument("--guidance-scale", type=float, default=5.0)
-    gen.add_argument("--temperature", type=_nonneg_float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--compare", action="store_true", help="also generate without drafting and print both speeds")
-    gen.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    _add_generate_image_parser(sub)
 
     demo = sub.add_parser("demo", help="serve the Gradio demo (ask a VLM, generate images) on localhost")
     from .demos.app import add_demo_args

@@ -86,3 +86,15 @@ def check_max_new_tokens(n: object) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise InputError(f"max_new_tokens must be a positive integer, got {n!r}")
     return n
+
+
+def seeded_generator(device, seed: int | None):
+    """The one torch.Generator a generation draws from: seeded when `seed` is given, else from OS entropy."""
+    import torch
+
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(int(seed))
+    return generator

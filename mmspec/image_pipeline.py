@@ -20,7 +20,7 @@ from torch import Tensor
 from transformers import BatchFeature, LogitsProcessorList
 
 from .acceptance import EXACT, Exact, check_rule
-from .config import SamplingConfig, TreeConfig
+from .config import SamplingConfig, TreeConfig, seeded_generator
 from .drafter import Drafter
 from .engine import Stats, StepEvent, decode, first_row, guidance
 from .errors import InputError, InputTypeError
@@ -150,11 +150,7 @@ class ImagePipeline:
                              f"the target's context of {ctx}; shorten the prompt")
         # scale 1 is the cond row alone: the uncond row would be computed and multiplied by zero
         rows = inputs if scale == 1.0 else self.adapter.guidance_rows(inputs, *self.special)
-        generator = torch.Generator(device=self.device)
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(int(seed))
+        generator = seeded_generator(self.device, seed)
         use_tree = speculative and self.tree.total_tokens > 1
         combine = first_row if scale == 1.0 else guidance(scale)
         both = use_tree and self.drafter.config.draft_rows == 2 and scale != 1.0

@@ -12,7 +12,7 @@ from transformers import AutoProcessor, AutoTokenizer, BatchFeature, GenerationC
 
 from .acceptance import EXACT, Exact, check_rule
 from .adapters import Adapter, adapter_for
-from .config import SamplingConfig, TreeConfig, check_max_new_tokens
+from .config import SamplingConfig, TreeConfig, check_max_new_tokens, seeded_generator
 from .drafter import Drafter
 from .engine import Stats, StepEvent, decode
 from .errors import InputError, InputTypeError
@@ -206,11 +206,7 @@ class Pipeline:
         inputs = self.prepare(prompt, images)
         prompt_len = inputs["input_ids"].shape[1]
         self._check_context(prompt_len, max_new_tokens)
-        generator = torch.Generator(device=self.device)
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(int(seed))
+        generator = seeded_generator(self.device, seed)
         use_tree = speculative and self.tree.total_tokens > 1
         proposer = EagleProposer(self.drafter, self.tree) if use_tree else NullProposer()
         process = NodeProcessor(self.target, self.generation_config, prompt_len, max_new_tokens, self.device)
