@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .config import TreeConfig
+from .config import AutoTreeConfig, TreeConfig
 from .errors import InputError
 from .registry import BUILTIN_TARGETS
 
@@ -104,7 +104,7 @@ def run_bench(target: str = "mini-vlm", *, n: int = 8, max_new_tokens: int = 128
     if "autoregressive" not in methods:
         methods.insert(0, "autoregressive")  # the reference for speedup and lossless
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tree = TreeConfig.preset(tree_preset or ("gpu" if dev.type == "cuda" else "cpu"))
+    tree = TreeConfig.preset(tree_preset or "auto")  # auto: each drafter gets its own measured shape
     pipes = {"vispec": load(target, DRAFTERS[target]["vispec"], device=dev, dtype=dtype, tree=tree,
                             draft_dtype=draft_dtype)}
     base = pipes["vispec"]
@@ -117,6 +117,10 @@ def run_bench(target: str = "mini-vlm", *, n: int = 8, max_new_tokens: int = 128
         eagle = Drafter.from_pretrained(resolve_dir(DRAFTERS[target]["eagle"], "drafter"), target=base.target)
         eagle.to(device=base.device, dtype=draft_dt).eval()
         pipes["eagle"] = Pipeline(base.target, base.processor, base.adapter, eagle, tree)
+        if isinstance(tree, AutoTreeConfig):
+            from .autotune import auto_tree
+
+            pipes["eagle"].tree = auto_tree(pipes["eagle"], f"{target} + {DRAFTERS[target]['eagle']}")
     assistant = None
     if "hf_assisted" in methods:
         assistant, _, _ = load_target(ASSISTANTS[target], device=dev, dtype=base.target.dtype)
@@ -171,9 +175,12 @@ def run_bench(target: str = "mini-vlm", *, n: int = 8, max_new_tokens: int = 128
         hook.remove()
 
     header = {"target": target, "device": str(base.device), "n_prompts": n, "max_new_tokens": max_new_tokens,
-              "temperature": temperature, "tree": asdict(tree), "dtype": str(base.target.dtype).removeprefix("torch."),
+              "temperature": temperature, "tree": asdict(base.tree), "dtype": str(base.target.dtype).removeprefix("torch."),
               "draft_dtype": str(draft_dt).removeprefix("torch.")}
     report = {**header, "methods": method_rows(results, greedy=temperature == 0)}
+    for m in ("eagle", "vispec"):  # each drafter's own shape (tuned apart under `auto`)
+        if m in results:
+            report["methods"][m]["tree"] = asdict(pipes[m].tree)
     print_table(report)
     return report
 
@@ -219,4 +226,8 @@ def print_table(report: dict) -> None:
         draft = f"{100 * r['draft_share']:>8.0f}%" if "draft_share" in r else f"{'-':>9}"
         lines.append(f"{m:<16}{r['tokens_per_s']:>9.1f}{r['speedup']:>8.2f}x{r['mean_accepted']:>7.2f}{lossless:>10}"
                      f"{r['peak_mem_mb']:>9.1f}{ideal}{draft}")
+    for m, r in report["methods"].items():
+        if "tree" in r:
+            t = r["tree"]
+            lines.append(f"tree {m}: depth {t['depth']}, top_k {t['top_k']}, total_tokens {t['total_tokens']}")
     print("\n".join(lines))

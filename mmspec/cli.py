@@ -53,8 +53,10 @@ def _add_model_args(p: argparse.ArgumentParser, drafter: bool = True) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=DTYPES)
     p.add_argument("--draft-dtype", default=None, choices=DTYPES,
-                   help="the drafters' dtype (default: the target's; bfloat16 beside fp32 on a CPU with native bf16)")
-    p.add_argument("--tree", default=None, help="tree preset: chain, cpu, default, gpu (default: cpu on CPU, gpu on CUDA)")
+                   help="the drafters' dtype (default: the target's; beside an fp32 target on a CPU with native "
+                   "bf16, the faster of fp32 and bfloat16 there)")
+    p.add_argument("--tree", default=None, help="tree preset: auto, chain, cpu, default, gpu (default: auto, measured for "
+                   "the target, drafter and machine once and cached, for VLMs; cpu on CPU, gpu on CUDA for images)")
 
 
 def _add_generate_image_parser(sub) -> None:
@@ -149,12 +151,19 @@ def build_parser() -> Parser:
     return parser
 
 
-def _tree(args, device) -> "object":
+def _tree(args, device, auto: bool = True) -> "object":
+    """The --tree preset; by default `auto` for text and VLM targets (tuned by mmspec.load), the device's fixed
+    preset for image generators (their rules and CFG rows are not what the tuner measures)."""
     from .config import TreeConfig
 
     if args.tree:
         return TreeConfig.preset(args.tree)
-    return TreeConfig.preset("gpu" if str(device).startswith("cuda") else "cpu")
+    return TreeConfig.preset("auto" if auto else "gpu" if str(device).startswith("cuda") else "cpu")
+
+
+def _print_tree(pipe) -> None:
+    t = pipe.tree
+    print(f"[tree] depth {t.depth}, top_k {t.top_k}, total_tokens {t.total_tokens}", file=sys.stderr)
 
 
 def cmd_caption(args) -> int:
@@ -173,6 +182,7 @@ def cmd_caption(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load(args.target, args.drafter, device=device, dtype=args.dtype, tree=_tree(args, device),
                 draft_dtype=args.draft_dtype)
+    _print_tree(pipe)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
               seed=args.seed)
     modes = (True, False) if args.compare else (True,)
@@ -242,7 +252,7 @@ def cmd_generate_image(args) -> int:
         raise InputError(f"target {args.target!r} generates text, not images; generate-image takes an AR image "
                          f"generator (Janus family), e.g. --target mini-gen")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load(args.target, args.drafter, device=device, dtype=args.dtype, tree=_tree(args, device),
+    pipe = load(args.target, args.drafter, device=device, dtype=args.dtype, tree=_tree(args, device, auto=False),
                 draft_dtype=args.draft_dtype)
     kw = dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               seed=args.seed, acceptance=rule)

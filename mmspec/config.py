@@ -20,14 +20,23 @@ class TreeConfig:
     top_k:        children proposed per expanded node, and the beam width kept at every depth.
     total_tokens: tokens the target verifies per step, the root (last committed token) included; 1 means plain
                   autoregressive decoding.
+    min_confidence: drafting stops before `depth` once the best path's draft probability falls below this: a deeper
+                  node is accepted at most about that often (the drafter's confidence tracks acceptance, EAGLE-2), so
+                  on a machine where a drafter forward is dear it costs more than it brings. 0 always drafts `depth`.
     """
 
     depth: int = 5
     top_k: int = 8
     total_tokens: int = 32
+    min_confidence: float = 0.0
 
     def __post_init__(self) -> None:
+        c = self.min_confidence
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c < 1:
+            raise InputError(f"TreeConfig.min_confidence must be a number in [0, 1), got {c!r}")
         for f in fields(self):
+            if f.name == "min_confidence":
+                continue
             value = getattr(self, f.name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InputError(f"TreeConfig.{f.name} must be a positive integer, got {value!r}")
@@ -44,13 +53,22 @@ class TreeConfig:
 
     @classmethod
     def preset(cls, name: str) -> "TreeConfig":
-        """Named shapes: `cpu` is small because a CPU pays for every verified token; `gpu` follows EAGLE-2's defaults."""
+        """Named shapes: `cpu` is small because a CPU pays for every verified token; `gpu` follows EAGLE-2's defaults;
+        `auto` is measured for the target, drafter and machine when `mmspec.load` gets it (see mmspec.autotune)."""
         if name not in TREE_PRESETS:
             raise InputError(f"unknown tree preset {name!r}; choose one of {sorted(TREE_PRESETS)}")
         return TREE_PRESETS[name]
 
 
+@dataclass(frozen=True)
+class AutoTreeConfig(TreeConfig):
+    """`TreeConfig.preset("auto")`: `mmspec.load` replaces it with the shape measured fastest for its pipeline (cached
+    per target, drafter and machine). Where nothing measures it (a Pipeline built by hand, an image generator) it is
+    the `cpu` shape it was built with."""
+
+
 TREE_PRESETS = {
+    "auto": AutoTreeConfig(depth=5, top_k=4, total_tokens=16),
     "chain": TreeConfig(depth=4, top_k=1, total_tokens=5),
     "cpu": TreeConfig(depth=5, top_k=4, total_tokens=16),
     "default": TreeConfig(),

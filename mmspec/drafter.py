@@ -118,11 +118,6 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
         raise InputError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat([-b, a], dim=-1)
-
-
 class DraftKV:
     """The drafter's own KV cache: preallocated buffers that grow by doubling, cropped back after every draft."""
 
@@ -178,9 +173,11 @@ class Drafter(nn.Module):
             with torch.no_grad():
                 self.inject.weight.zero_()
                 self.inject.weight[:, :h].copy_(torch.eye(h))
-        # Rotary frequencies stay fp32 in a drafter run in bfloat16: position * frequency needs more than bf16's 8 bits
-        # (a buffer would be cast by .to(dtype)), so they live outside the module state, one copy per device.
-        self._inv_freq: Tensor | None = None
+        # Rotary cos / sin per position, computed in fp32 (position * frequency needs more than bf16's 8 bits) and kept
+        # outside the module state (a buffer would be cast by .to(dtype)); a table, because recomputing the angles
+        # was a sixth of a draft forward. The signed sine folds rotate_half into one roll.
+        self._rope: tuple[Tensor, Tensor] | None = None  # cos, signed sin: [capacity, head_dim] in the drafter's dtype
+        self._fused: dict[str, tuple[tuple, Tensor]] = {}  # inference-time concatenated weights, keyed by version
         # The target's embedding and LM head, borrowed (never saved); a tuple keeps them out of this module's state.
         self._shared: tuple[nn.Module, nn.Module] | None = None
 
@@ -344,22 +341,44 @@ class Drafter(nn.Module):
             features = self.inject(torch.cat([features, vec.expand_as(features)], dim=-1))
         return torch.cat([self.input_norm(emb), self.hidden_norm(features)], dim=-1), features
 
+    def _rotary(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """[..., n] positions -> cos and signed sin [..., n, head_dim], looked up in a table grown by doubling."""
+        c, top = self.config, int(positions.max()) + 1
+        table = self._rope
+        if table is None or table[0].shape[0] < top or table[0].device != positions.device or table[0].dtype != dtype:
+            cap = max(1024, 1 << (top - 1).bit_length())
+            inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, device=positions.device).float() / c.head_dim))
+            freqs = torch.arange(cap, device=positions.device).float()[:, None] * inv  # [cap, hd/2]
+            cos, sin = freqs.cos(), freqs.sin()
+            # rotate_half(x) * sin == roll(x, hd/2) * [-sin | sin]: the two halves of the angle table are equal
+            table = self._rope = (torch.cat([cos, cos], -1).to(dtype), torch.cat([-sin, sin], -1).to(dtype))
+        return table[0][positions], table[1][positions]
+
+    def _weight(self, name: str, *linears: nn.Linear) -> Tensor:
+        """The linears' weights stacked, so one matmul serves them; cached for inference, keyed by each weight's
+        storage and in-place version so an optimizer step or a .to() is never missed. Under autograd it is rebuilt
+        every call so gradients flow to the separate parameters (their names are the export layout)."""
+        ws = [m.weight for m in linears]
+        if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
+            return torch.cat(ws)
+        key = tuple((w.data_ptr(), w._version) for w in ws)
+        hit = self._fused.get(name)
+        if hit is None or hit[0] != key:
+            hit = self._fused[name] = (key, torch.cat(ws))
+        return hit[1]
+
     def qkv(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """[B, n, 2H] inputs, [B, n] positions -> rotated q [B, heads, n, hd], k and v [B, kv_heads, n, hd]."""
+        """[B, n, 2H] inputs, [B, n] positions -> rotated q [B, heads, n, hd], k and v [B, kv_heads, n, hd].
+        q and k come out of one matmul and are rotated together."""
         c = self.config
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, c.num_attention_heads, c.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, n, c.num_key_value_heads, c.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, n, c.num_key_value_heads, c.head_dim).transpose(1, 2)
-        inv = self._inv_freq
-        if inv is None or inv.device != positions.device:
-            inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2).float() / c.head_dim))
-            inv = inv.to(positions.device)
-            self._inv_freq = inv
-        freqs = positions[..., None].float() * inv  # [B, n, hd/2]
-        ang = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, n, hd]
-        cos, sin = ang.cos().to(q.dtype), ang.sin().to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+        heads, kv_heads = c.num_attention_heads, c.num_key_value_heads
+        qk = F.linear(x, self._weight("qk", self.q_proj, self.k_proj)).view(b, n, heads + kv_heads, c.head_dim)
+        v = self.v_proj(x).view(b, n, kv_heads, c.head_dim).transpose(1, 2)
+        cos, sin = self._rotary(positions, qk.dtype)  # [B, n, hd]
+        qk = qk * cos[:, :, None] + qk.roll(c.head_dim // 2, dims=-1) * sin[:, :, None]
+        qk = qk.transpose(1, 2)
+        return qk[:, :heads], qk[:, heads:], v
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """mask [B or 1, n, kv] bool (True = attend), or None for plain causal -> [B, n, heads * hd]."""
@@ -373,8 +392,8 @@ class Drafter(nn.Module):
     def finish(self, residual: Tensor, attn: Tensor) -> Tensor:
         """Output projection and MLP -> [B, n, H] predicted features."""
         h = residual + self.o_proj(attn)
-        y = self.post_norm(h)
-        return h + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y))
+        gate, up = F.linear(self.post_norm(h), self._weight("gate_up", self.gate_proj, self.up_proj)).chunk(2, dim=-1)
+        return h + self.down_proj(F.silu(gate) * up)
 
     def forward(
         self,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -12,7 +14,7 @@ from transformers import AutoProcessor, AutoTokenizer, BatchFeature, GenerationC
 
 from .acceptance import EXACT, Exact, check_rule
 from .adapters import Adapter, adapter_for
-from .config import SamplingConfig, TreeConfig, check_max_new_tokens, seeded_generator
+from .config import AutoTreeConfig, SamplingConfig, TreeConfig, check_max_new_tokens, seeded_generator
 from .drafter import Drafter
 from .engine import Stats, StepEvent, decode
 from .errors import InputError, InputTypeError
@@ -88,7 +90,21 @@ def load(
     pipe_config = generation_config if generation_config is not None else model.generation_config
     check_generation_config(pipe_config)  # before the drafter loads: a refusal should cost nothing
     drafter_obj = _load_drafter(drafter, model, target_name, builtin, draft_dtype)
-    return Pipeline(model, processor, adapter, drafter_obj, tree, pipe_config)
+    pipe = Pipeline(model, processor, adapter, drafter_obj, tree, pipe_config)
+    if isinstance(tree, AutoTreeConfig) and drafter_obj is not None:
+        from .autotune import auto_tree
+
+        # cached by where the models came from; a Drafter instance may be mid-training, so it is measured every time
+        source = None if isinstance(drafter, Drafter) else f"{_source(target_name)} + {_source(drafter or 'builtin')}"
+        pipe.tree = auto_tree(pipe, source)
+    return pipe
+
+
+def _source(name: Any) -> str:
+    """A model's identity for caches: the built-in name, else its absolute path (or hub id)."""
+    name = str(name)
+    return name if name in BUILTIN_TARGETS or name in BUILTIN_DRAFTERS or not os.path.exists(name) \
+        else os.path.abspath(name)
 
 
 def _as_dtype(value: torch.dtype | str | None, what: str) -> torch.dtype | None:
@@ -100,16 +116,36 @@ def _as_dtype(value: torch.dtype | str | None, what: str) -> torch.dtype | None:
     return getattr(torch, name)
 
 
-def default_draft_dtype(target_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+def default_draft_dtype(target_dtype: torch.dtype, device: torch.device, hidden_size: int = 0,
+                        intermediate_size: int = 0) -> torch.dtype:
     """The drafter runs in the target's dtype, except beside an fp32 target on a CPU that multiplies bfloat16 natively
-    (AVX512-BF16 or AMX), where it runs in bfloat16. Why: a draft step multiplies a few rows (the beam) by every
-    drafter weight, so its time goes into reading the weights, and bf16 halves that (on a 2-core AVX512-BF16 CPU an
-    [8, 384] x [384, 1024] matmul takes 67 us in bf16, 114 us in fp32). The target's verify in fp32 keeps the
-    output exact, so only acceptance can move, and on mini-vlm it does not (`mmspec bench` reports both)."""
+    (AVX512-BF16 or AMX), where it runs in whichever of fp32 and bf16 multiplies its weights faster here. Why measure:
+    a draft step multiplies a few rows (the beam) by every drafter weight, so bf16 halves the bytes read, but oneDNN's
+    bf16 call has a fixed cost (~35 us on a 2-core Sapphire Rapids) that small weights never earn back: there an
+    [8, 768] x [768, 768] matmul is faster in fp32 and an [8, 1024] x [1024, 1024] one in bf16; on an earlier machine
+    bf16 won at 384 wide. The target's verify keeps the output exact either way; only acceptance can move."""
     if device.type != "cpu" or target_dtype != torch.float32:
         return target_dtype
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return torch.bfloat16 if native else torch.float32
+    if not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return torch.float32
+    return _faster_matmul_dtype(hidden_size, intermediate_size) if hidden_size else torch.bfloat16
+
+
+@functools.lru_cache(maxsize=None)
+def _faster_matmul_dtype(hidden: int, intermediate: int) -> torch.dtype:
+    """fp32 or bf16, whichever multiplies 4 rows by the drafter's MLP weight faster (alternating, best of 20 each)."""
+    g = torch.Generator().manual_seed(0)
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = torch.randn(4, hidden, generator=g).to(dtype), torch.randn(intermediate, hidden, generator=g).to(dtype)
+        best[dtype] = (x, w, [])
+    with torch.no_grad():
+        for _ in range(25):
+            for dtype, (x, w, times) in best.items():
+                t = time.perf_counter()
+                torch.nn.functional.linear(x, w)
+                times.append(time.perf_counter() - t)
+    return min(best, key=lambda d: sorted(best[d][2][5:])[0])  # the first 5 warm up
 
 
 def load_target(target: str | os.PathLike, *, device=None, dtype: torch.dtype = torch.float32, device_map=None):
@@ -151,7 +187,8 @@ def _load_drafter(drafter: Any, model, target_name: str, builtin: bool, dtype: t
         d.bind(model)
     head = model.get_output_embeddings().weight
     if dtype is None:  # a Drafter the caller holds (maybe mid-training) keeps the target's dtype, as it always has
-        dtype = head.dtype if isinstance(drafter, Drafter) else default_draft_dtype(head.dtype, head.device)
+        dtype = head.dtype if isinstance(drafter, Drafter) else default_draft_dtype(
+            head.dtype, head.device, d.config.hidden_size, d.config.intermediate_size)
     return d.to(device=head.device, dtype=dtype).eval()
 
 

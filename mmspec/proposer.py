@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -109,6 +110,7 @@ class EagleProposer:
     target's are (LANTERN drafts this way); without it, it reads row 0 alone."""
 
     needs_features = True
+    prune = True  # stop drafting once no deeper candidate can enter the tree (same tree, fewer forwards)
 
     def __init__(self, drafter: Drafter, tree: TreeConfig, combine=None, rows: int = 2) -> None:
         self.drafter = drafter
@@ -150,6 +152,13 @@ class EagleProposer:
 
     @torch.no_grad()
     def propose(self, root: Tensor, root_pos: int) -> DraftTree:
+        tokens, parents, scores = self.grow(root_pos)
+        return select_tree(root.reshape(1), tokens, parents, scores, self.tree.total_tokens)
+
+    @torch.no_grad()
+    def grow(self, root_pos: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Catch up on the committed pairs, then grow the beam: every candidate as (tokens, parents, cumulative
+        log-probabilities) [N], in generation order (top_k at depth 1, then top_k**2 per depth)."""
         d, cfg = self.drafter, self.tree
         self._root_pos = root_pos
         pend = self._pending
@@ -170,12 +179,18 @@ class EagleProposer:
         cand_tokens, cand_parents, cand_scores = [beam_tokens], [torch.full((k,), -1, device=dev)], [scores]
         beam_feats = hidden[:, -1:].expand(b, k, -1)  # fed with each beam token: its parent's predicted feature
         beam_index = torch.arange(k, device=dev)  # each beam node's index among the candidates
-        anc = torch.eye(k, dtype=torch.bool, device=dev)  # beam rows x drafter-cache slots appended this step
+        # One mask for the whole draft: committed columns all True, then each depth's k beam slots; a beam row sees
+        # the slots of its own ancestors (copied from its parent's row) and itself.
+        mask = torch.ones(k, committed + (cfg.depth - 1) * k, dtype=torch.bool, device=dev)
+        eye = torch.eye(k, dtype=torch.bool, device=dev)
+        mask[:, committed : committed + k] = eye
         n_cand = k
         for depth in range(1, cfg.depth):
+            if self._stop_drafting(cand_scores, scores, cfg.total_tokens - 1):
+                break
+            end = committed + depth * k
             pos = torch.full((b, k), root_pos + depth, device=dev)
-            mask = torch.cat([torch.ones(k, committed, dtype=torch.bool, device=dev), anc], dim=1)
-            hidden = d(beam_tokens.expand(b, k), beam_feats, pos, mask[None], self.kv, image_vec=vec)  # [B, k, H]
+            hidden = d(beam_tokens.expand(b, k), beam_feats, pos, mask[None, :, :end], self.kv, image_vec=vec)
             self.forwards += 1
             logp = torch.log_softmax(self._combine(d.logits(hidden).float()), dim=-1)  # [k, V]
             top_lp, top_tok = logp.topk(k, dim=-1)  # [k, k]
@@ -188,9 +203,25 @@ class EagleProposer:
             beam_tokens = top_tok.flatten()[best]
             beam_feats = hidden[:, parent_row]
             beam_index = n_cand + best
-            anc = torch.cat([anc[parent_row], torch.eye(k, dtype=torch.bool, device=dev)], dim=1)
+            if depth + 1 < cfg.depth:
+                mask[:, committed:end] = mask[parent_row, committed:end]
+                mask[:, end : end + k] = eye
             n_cand += k * k
         self.kv.crop(committed)
-        return select_tree(
-            root.reshape(1), torch.cat(cand_tokens), torch.cat(cand_parents), torch.cat(cand_scores), cfg.total_tokens
-        )
+        return torch.cat(cand_tokens), torch.cat(cand_parents), torch.cat(cand_scores)
+
+    @property
+    def _log_min_conf(self) -> float:
+        return math.log(self.tree.min_confidence)
+
+    def _stop_drafting(self, cand_scores: list[Tensor], beam_scores: Tensor, n_keep: int) -> bool:
+        """Whether to stop before the next depth. Below the tree's min_confidence the best path is unlikely to be
+        accepted further (a choice of shape). Otherwise only when no deeper candidate can make the final tree, so the
+        tree is the same: a child scores at most its parent (log-probabilities are <= 0) and ties go to earlier
+        candidates, so once the best beam score is at most the n_keep-th best so far, every later candidate loses."""
+        if self.tree.min_confidence > 0 and float(beam_scores.max()) < self._log_min_conf:
+            return True
+        if not self.prune or sum(c.numel() for c in cand_scores) < n_keep:
+            return False
+        kth = torch.cat(cand_scores).topk(n_keep).values[-1]
+        return bool(beam_scores.max() <= kth)

@@ -14,3 +14,17 @@ def tiny_dir(tmp_path_factory):
         return built[family]
 
     return get
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tree_cache(tmp_path_factory):
+    """`auto` trees are measured into a session directory, never the user's ~/.cache (CLI subprocesses inherit it)."""
+    import os
+
+    old = os.environ.get("MMSPEC_CACHE_DIR")
+    os.environ["MMSPEC_CACHE_DIR"] = str(tmp_path_factory.mktemp("mmspec-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MMSPEC_CACHE_DIR", None)
+    else:
+        os.environ["MMSPEC_CACHE_DIR"] = old

@@ -99,7 +99,9 @@ def test_token_identical_to_generate(pipes, family, n_images):
     finally:
         hook.remove()
     assert spec.token_ids == ref
-    assert spec.stats.draft_forwards == len(calls) == 4 * (spec.stats.target_forwards - 1)  # counted, not declared
+    steps = spec.stats.target_forwards - 1
+    # counted, not declared: a catch-up forward every step, up to 3 beam forwards more (fewer once pruning stops)
+    assert spec.stats.draft_forwards == len(calls) and steps <= len(calls) <= 4 * steps
 
     oracle, events = run(pipe, OracleProposer(ref, pipe.target.config.get_text_config().vocab_size), inputs)
     assert oracle == ref
@@ -247,3 +249,19 @@ def test_uncapturable_input_embeddings_raise(pipes):
     pipe = pipes("text_llm")  # LlamaForCausalLM: its decoder receives input_ids
     with pytest.raises(mmspec.UserError, match="inputs_embeds"):
         target_forward(pipe.target, pipe.prepare(PROMPT), want_hidden=True, want_embeds=True, all_logits=False)
+
+
+def test_pruned_drafting_grows_the_same_trees_with_fewer_forwards(pipes):
+    """Drafting stops once no deeper candidate can enter the rerank: every step's tree is the one the full-depth beam
+    gives, node for node, and the drafter runs fewer forwards."""
+    pipe = pipes("llava")
+    inputs = pipe.prepare(PROMPT, sample_images(1))
+    runs = {}
+    for prune in (False, True):
+        proposer = EagleProposer(pipe.drafter, TreeConfig(depth=5, top_k=4, total_tokens=10))
+        proposer.prune = prune
+        events = list(decode(pipe.runner, proposer, inputs, accept_greedy, MAX_NEW, pipe.stop_ids))
+        trees = [(ev.tree.tokens.tolist(), ev.tree.parents.tolist()) for ev in events[1:]]
+        runs[prune] = trees, proposer.forwards
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][1] < runs[False][1] == 5 * len(runs[False][0])

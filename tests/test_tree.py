@@ -153,3 +153,30 @@ def test_eagle_proposer_grows_the_expected_tree():
     assert tree.tokens.tolist() == [2, 3, 4, 4, 5, 5]
     assert tree.parents.tolist() == [-1, 0, 0, 1, 1, 3]
     assert tree.depths.tolist() == [0, 1, 1, 2, 2, 3]
+
+
+def test_drafting_stops_when_no_deeper_candidate_can_enter_the_tree():
+    """Scores a (best) and b (second) per depth: after depth 2 the candidates are a, b, 2a, a+b, a+b, 2b; keeping 2,
+    the 2nd best is 2a and the best beam score is 2a too, so every depth-3 candidate (<= 2a, generated later) loses the
+    tie: the proposer stops after 2 forwards and returns the full-depth tree. A beam score above it keeps drafting."""
+    v = 8
+    table = torch.full((v, v), -100.0)
+    for t in range(v):
+        table[t, (t + 1) % v] = 100.0
+        table[t, (t + 2) % v] = 99.0
+    prompt = PromptContext(torch.tensor([0, 1]), torch.arange(2), (torch.zeros(1, 2, v),))
+    trees = {}
+    for prune in (True, False):
+        drafter = BigramDrafter(table)
+        prop = EagleProposer(drafter, TreeConfig(depth=3, top_k=2, total_tokens=3))
+        prop.prune = prune
+        prop.start(prompt, first_token=2, first_pos=2)
+        tree = prop.propose(torch.tensor([2]), root_pos=2)
+        trees[prune] = (tree.tokens.tolist(), tree.parents.tolist(), drafter.calls)
+    assert trees[True] == ([2, 3, 4], [-1, 0, 1], 2) and trees[False] == ([2, 3, 4], [-1, 0, 1], 3)
+    # keeping 3 the 3rd best is b < 2a: a depth-3 child (3a) could still enter, so all 3 forwards run
+    drafter = BigramDrafter(table)
+    prop = EagleProposer(drafter, TreeConfig(depth=3, top_k=2, total_tokens=4))
+    prop.start(prompt, first_token=2, first_pos=2)
+    prop.propose(torch.tensor([2]), root_pos=2)
+    assert drafter.calls == 3
