@@ -236,7 +236,10 @@ def load_demo(vlm: str | None, gen: str | None, device: str | None = None, vlm_d
             errors[role] = "disabled on the command line"
             continue
         try:
-            models[role] = mmspec.load(name, drafter, device=device)
+            # the VLM's tree is tuned to this machine (a few seconds once, then cached); an image generator's
+            # rules and CFG rows are not what the tuner measures, so it keeps the default shape
+            tree = mmspec.TreeConfig.preset("auto") if role == "vlm" else mmspec.TreeConfig()
+            models[role] = mmspec.load(name, drafter, device=device, tree=tree)
         except UserError as e:
             errors[role] = str(e)
             logger.warning("%s %r not loaded: %s", role, name, e)

@@ -183,7 +183,7 @@ class EagleProposer:
         # the slots of its own ancestors (copied from its parent's row) and itself.
         mask = torch.ones(k, committed + (cfg.depth - 1) * k, dtype=torch.bool, device=dev)
         eye = torch.eye(k, dtype=torch.bool, device=dev)
-        mask[:, committed : committed + k] = eye
+        mask[:, committed : committed + k] = eye[:, : mask.shape[1] - committed]  # nothing to write at depth 1
         n_cand = k
         for depth in range(1, cfg.depth):
             if self._stop_drafting(cand_scores, scores, cfg.total_tokens - 1):

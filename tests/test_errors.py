@@ -195,6 +195,8 @@ def test_caption_compare_warms_up_both_methods_and_alternates(tmp_path, monkeypa
     calls = []
 
     class FakePipe:
+        tree = mmspec.TreeConfig.preset("cpu")
+
         def generate(self, prompt, images, *, max_new_tokens, speculative=True, **kw):
             calls.append((speculative, max_new_tokens))
             n = len([c for c in calls if c[0] == speculative])

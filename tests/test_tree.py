@@ -180,3 +180,17 @@ def test_drafting_stops_when_no_deeper_candidate_can_enter_the_tree():
     prop.start(prompt, first_token=2, first_pos=2)
     prop.propose(torch.tensor([2]), root_pos=2)
     assert drafter.calls == 3
+
+
+def test_a_depth_one_tree_is_the_roots_best_children():
+    """depth=1 (a shape the auto tuner may pick for a weak drafter): the catch-up forward alone, top_k children."""
+    v = 8
+    table = torch.full((v, v), -100.0)
+    for t in range(v):
+        table[t, (t + 1) % v] = 100.0
+        table[t, (t + 2) % v] = 99.0
+    drafter = BigramDrafter(table)
+    prop = EagleProposer(drafter, TreeConfig(depth=1, top_k=2, total_tokens=3))
+    prop.start(PromptContext(torch.tensor([0, 1]), torch.arange(2), (torch.zeros(1, 2, v),)), first_token=2, first_pos=2)
+    tree = prop.propose(torch.tensor([2]), root_pos=2)
+    assert tree.tokens.tolist() == [2, 3, 4] and tree.parents.tolist() == [-1, 0, 0] and drafter.calls == 1
