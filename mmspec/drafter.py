@@ -175,9 +175,8 @@ class Drafter(nn.Module):
                 self.inject.weight[:, :h].copy_(torch.eye(h))
         # Rotary cos / sin per position, computed in fp32 (position * frequency needs more than bf16's 8 bits) and kept
         # outside the module state (a buffer would be cast by .to(dtype)); a table, because recomputing the angles
-        # was a sixth of a draft forward. The signed sine folds rotate_half into one roll.
+        # took a sixth of a draft forward. The signed sine folds rotate_half into one roll.
         self._rope: tuple[Tensor, Tensor] | None = None  # cos, signed sin: [capacity, head_dim] in the drafter's dtype
-        self._fused: dict[str, tuple[tuple, Tensor]] = {}  # inference-time concatenated weights, keyed by version
         # The target's embedding and LM head, borrowed (never saved); a tuple keeps them out of this module's state.
         self._shared: tuple[nn.Module, nn.Module] | None = None
 
@@ -354,31 +353,17 @@ class Drafter(nn.Module):
             table = self._rope = (torch.cat([cos, cos], -1).to(dtype), torch.cat([-sin, sin], -1).to(dtype))
         return table[0][positions], table[1][positions]
 
-    def _weight(self, name: str, *linears: nn.Linear) -> Tensor:
-        """The linears' weights stacked, so one matmul serves them; cached for inference, keyed by each weight's
-        storage and in-place version so an optimizer step or a .to() is never missed. Under autograd it is rebuilt
-        every call so gradients flow to the separate parameters (their names are the export layout)."""
-        ws = [m.weight for m in linears]
-        if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
-            return torch.cat(ws)
-        key = tuple((w.data_ptr(), w._version) for w in ws)
-        hit = self._fused.get(name)
-        if hit is None or hit[0] != key:
-            hit = self._fused[name] = (key, torch.cat(ws))
-        return hit[1]
-
     def qkv(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """[B, n, 2H] inputs, [B, n] positions -> rotated q [B, heads, n, hd], k and v [B, kv_heads, n, hd].
-        q and k come out of one matmul and are rotated together."""
+        """[B, n, 2H] inputs, [B, n] positions -> rotated q [B, heads, n, hd], k and v [B, kv_heads, n, hd]."""
         c = self.config
         b, n, _ = x.shape
-        heads, kv_heads = c.num_attention_heads, c.num_key_value_heads
-        qk = F.linear(x, self._weight("qk", self.q_proj, self.k_proj)).view(b, n, heads + kv_heads, c.head_dim)
-        v = self.v_proj(x).view(b, n, kv_heads, c.head_dim).transpose(1, 2)
-        cos, sin = self._rotary(positions, qk.dtype)  # [B, n, hd]
-        qk = qk * cos[:, :, None] + qk.roll(c.head_dim // 2, dims=-1) * sin[:, :, None]
-        qk = qk.transpose(1, 2)
-        return qk[:, :heads], qk[:, heads:], v
+        q = self.q_proj(x).view(b, n, c.num_attention_heads, c.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        cos, sin = self._rotary(positions, q.dtype)
+        cos, sin = cos[:, None], sin[:, None]  # [B, 1, n, hd]
+        half = c.head_dim // 2
+        return q * cos + q.roll(half, dims=-1) * sin, k * cos + k.roll(half, dims=-1) * sin, v
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """mask [B or 1, n, kv] bool (True = attend), or None for plain causal -> [B, n, heads * hd]."""
@@ -392,8 +377,8 @@ class Drafter(nn.Module):
     def finish(self, residual: Tensor, attn: Tensor) -> Tensor:
         """Output projection and MLP -> [B, n, H] predicted features."""
         h = residual + self.o_proj(attn)
-        gate, up = F.linear(self.post_norm(h), self._weight("gate_up", self.gate_proj, self.up_proj)).chunk(2, dim=-1)
-        return h + self.down_proj(F.silu(gate) * up)
+        y = self.post_norm(h)
+        return h + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y))
 
     def forward(
         self,

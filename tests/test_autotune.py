@@ -4,7 +4,6 @@ bad cache is measured again rather than trusted."""
 import json
 
 import pytest
-import torch
 
 import mmspec
 from mmspec import TreeConfig
