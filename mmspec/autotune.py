@@ -92,7 +92,11 @@ def tune_tree(pipe, source: str | None, n_prompts: int = 2, max_new_tokens: int 
     t0 = time.perf_counter()
     prompts = calibration_prompts(pipe, n_prompts)
     verify_ms = measure_verify(pipe, prompts[0])
-    runs = [teacher_forced_pools(pipe, p, max_new_tokens) for p in prompts]
+    runs = [r for r in (teacher_forced_pools(pipe, p, max_new_tokens) for p in prompts) if len(r["tokens"]) >= 3]
+    if not runs:  # the target stops at once on every calibration prompt: nothing to measure acceptance on
+        logger.warning("tree auto: the target answered the calibration prompts with fewer than 3 tokens; using the "
+                       "cpu shape, uncached")
+        return TreeConfig.preset("cpu"), {"tree": None}
     draft_ms = {k: statistics.mean(r["draft_ms"][k] for r in runs) for k in TOP_KS}
     other_ms = measure_other(pipe, prompts[0], max_new_tokens)
     scored = []
@@ -126,6 +130,8 @@ def tune_tree(pipe, source: str | None, n_prompts: int = 2, max_new_tokens: int 
 def auto_tree(pipe, source: str | None) -> TreeConfig:
     """The tuned shape for `pipe`, measured now (a few seconds on the built-in models) or read from the cache."""
     tree, entry = tune_tree(pipe, source)
+    if entry["tree"] is None:
+        return tree
     logger.info("tree auto: depth %d, top_k %d, total_tokens %d (expected tau %.2f, %.2fx; measured %s)", tree.depth,
                 tree.top_k, tree.total_tokens, entry["expected_tau"], entry["expected_speedup"], entry["date"])
     return tree
@@ -180,9 +186,11 @@ def teacher_forced_pools(pipe, prompt, max_new_tokens: int) -> dict:
     from .proposer import EagleProposer
 
     g = pipe.generate(*prompt, max_new_tokens=max_new_tokens, speculative=False).token_ids
+    out = {"tokens": g, "pools": {}, "draft_ms": {}}
+    if len(g) < 3:
+        return out
     runner = pipe.runner
     inputs, rows = _rows(pipe, prompt)
-    out = {"tokens": g, "pools": {}, "draft_ms": {}}
     for k in TOP_KS:
         proposer = EagleProposer(pipe.drafter, TreeConfig(depth=MAX_DEPTH, top_k=k, total_tokens=2))
         proposer.prune = False  # every shape is read off the full beam

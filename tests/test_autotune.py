@@ -76,3 +76,18 @@ def test_min_confidence_stops_drafting_early(pipe):
     assert runs[0.6].token_ids == runs[0.0].token_ids
     per_step = {f: r.stats.draft_forwards / (r.stats.target_forwards - 1) for f, r in runs.items()}
     assert per_step[0.6] < per_step[0.0], per_step
+
+
+def test_simulate_tau_walks_the_reranked_tree():
+    """A hand-made pool (top_k 2, depth 2): root children a (-0.1) and b (-2); a's children c (-0.2), d (-3); b's
+    children e (-2.5), f (-4). Along g = r, a, c, x the full tree accepts a and c (3 tokens a step); a 3-token tree
+    keeps a and c too; a depth-1 tree only a; a 2-token tree only a."""
+    a, b, c, d, e, f = 10, 11, 12, 13, 14, 15
+    pool = ([a, b, c, d, e, f], [-1, -1, 0, 0, 1, 1], [-0.1, -2.0, -0.2, -3.0, -2.5, -4.0])
+    g = [1, a, c, 99]  # g[0] is the root; after one step of 3 tokens nothing is left to draft
+    pools = [pool, pool, pool]
+    assert autotune.simulate_tau(pools, g, 2, 2, 7) == 3.0
+    assert autotune.simulate_tau(pools, g, 2, 2, 3) == 3.0
+    # depth 1: a accepted, then from position 2 (root c) the pool offers a, b: no match for 99 -> 1 token
+    assert autotune.simulate_tau(pools, g, 2, 1, 3) == 1.5
+    assert autotune.simulate_tau(pools, g, 2, 2, 2) == 1.5

@@ -135,13 +135,17 @@ class BigramDrafter:
         return self.table[hidden.argmax(-1)]
 
 
-def test_eagle_proposer_grows_the_expected_tree():
-    v = 8
+def successor_table(v: int = 8) -> tuple[int, torch.Tensor]:
+    """Draft logits from every token t: best next is t+1, second best t+2 (mod v), the rest -100."""
     table = torch.full((v, v), -100.0)
-    # from every token t: best next is t+1, second best t+2 (mod v)
     for t in range(v):
         table[t, (t + 1) % v] = 100.0
         table[t, (t + 2) % v] = 99.0
+    return v, table
+
+
+def test_eagle_proposer_grows_the_expected_tree():
+    v, table = successor_table()
     drafter = BigramDrafter(table)
     prop = EagleProposer(drafter, TreeConfig(depth=3, top_k=2, total_tokens=6))
     prompt = PromptContext(torch.tensor([0, 1]), torch.arange(2), (torch.zeros(1, 2, v),))
@@ -159,11 +163,7 @@ def test_drafting_stops_when_no_deeper_candidate_can_enter_the_tree():
     """Scores a (best) and b (second) per depth: after depth 2 the candidates are a, b, 2a, a+b, a+b, 2b; keeping 2,
     the 2nd best is 2a and the best beam score is 2a too, so every depth-3 candidate (<= 2a, generated later) loses the
     tie: the proposer stops after 2 forwards and returns the full-depth tree. A beam score above it keeps drafting."""
-    v = 8
-    table = torch.full((v, v), -100.0)
-    for t in range(v):
-        table[t, (t + 1) % v] = 100.0
-        table[t, (t + 2) % v] = 99.0
+    v, table = successor_table()
     prompt = PromptContext(torch.tensor([0, 1]), torch.arange(2), (torch.zeros(1, 2, v),))
     trees = {}
     for prune in (True, False):
@@ -184,11 +184,7 @@ def test_drafting_stops_when_no_deeper_candidate_can_enter_the_tree():
 
 def test_a_depth_one_tree_is_the_roots_best_children():
     """depth=1 (a shape the auto tuner may pick for a weak drafter): the catch-up forward alone, top_k children."""
-    v = 8
-    table = torch.full((v, v), -100.0)
-    for t in range(v):
-        table[t, (t + 1) % v] = 100.0
-        table[t, (t + 2) % v] = 99.0
+    v, table = successor_table()
     drafter = BigramDrafter(table)
     prop = EagleProposer(drafter, TreeConfig(depth=1, top_k=2, total_tokens=3))
     prop.start(PromptContext(torch.tensor([0, 1]), torch.arange(2), (torch.zeros(1, 2, v),)), first_token=2, first_pos=2)
