@@ -340,17 +340,25 @@ class Drafter(nn.Module):
             features = self.inject(torch.cat([features, vec.expand_as(features)], dim=-1))
         return torch.cat([self.input_norm(emb), self.hidden_norm(features)], dim=-1), features
 
+    def _angles(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """[...] positions -> cos and signed sin [..., head_dim]. rotate_half(x) * sin == roll(x, hd/2) * [-sin | sin]
+        because the two halves of the angle table are equal."""
+        c = self.config
+        inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, device=positions.device).float() / c.head_dim))
+        freqs = positions.float()[..., None] * inv  # [..., hd/2]
+        cos, sin = freqs.cos(), freqs.sin()
+        return torch.cat([cos, cos], -1).to(dtype), torch.cat([-sin, sin], -1).to(dtype)
+
     def _rotary(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """[..., n] positions -> cos and signed sin [..., n, head_dim], looked up in a table grown by doubling."""
-        c, top = self.config, int(positions.max()) + 1
+        """[..., n] positions -> cos and signed sin [..., n, head_dim]; on a CPU looked up in a table grown by doubling.
+        On an asynchronous device the angles are computed in place: sizing the table needs positions.max() on the
+        host, a sync on every forward."""
+        if positions.device.type != "cpu":
+            return self._angles(positions, dtype)
+        top = int(positions.max()) + 1
         table = self._rope
-        if table is None or table[0].shape[0] < top or table[0].device != positions.device or table[0].dtype != dtype:
-            cap = max(1024, 1 << (top - 1).bit_length())
-            inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, device=positions.device).float() / c.head_dim))
-            freqs = torch.arange(cap, device=positions.device).float()[:, None] * inv  # [cap, hd/2]
-            cos, sin = freqs.cos(), freqs.sin()
-            # rotate_half(x) * sin == roll(x, hd/2) * [-sin | sin]: the two halves of the angle table are equal
-            table = self._rope = (torch.cat([cos, cos], -1).to(dtype), torch.cat([-sin, sin], -1).to(dtype))
+        if table is None or table[0].shape[0] < top or table[0].dtype != dtype:
+            self._rope = table = self._angles(torch.arange(max(1024, 1 << (top - 1).bit_length())), dtype)
         return table[0][positions], table[1][positions]
 
     def qkv(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -321,3 +321,20 @@ def test_torchrun_two_processes_write_one_drafter(tiny_dir, tmp_path):
     assert metrics["processes"] == 2 and metrics["steps"] == 2
     assert sorted(p.name for p in out.iterdir()) == ["mmspec_drafter.json", "model.safetensors", "training_metrics.json"]
     Drafter.from_pretrained(out)
+
+
+def test_rotary_table_equals_the_angles_computed_in_place(pipes):
+    """The CPU's table lookup and the in-place angles an asynchronous device uses are the same numbers, and rotating
+    by them equals the textbook rotate_half form."""
+    d = Drafter.for_target(pipes("llava").target, vision_adaptor=False).eval()
+    pos = torch.tensor([[0, 5, 700, 2047, 3000]])
+    table_cos, table_sin = d._rotary(pos, torch.float32)
+    cos, sin = d._angles(pos, torch.float32)
+    assert torch.equal(table_cos, cos) and torch.equal(table_sin, sin)
+    half = d.config.head_dim // 2
+    x = torch.randn(1, 5, d.config.head_dim, generator=torch.Generator().manual_seed(1))
+    a, b = x[..., :half], x[..., half:]
+    plain_sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)  # sin(pos * freq), both halves alike
+    assert torch.equal(plain_sin[..., :half], plain_sin[..., half:])
+    textbook = x * cos + torch.cat([-b, a], -1) * plain_sin
+    assert torch.allclose(x * cos + x.roll(half, dims=-1) * sin, textbook, atol=1e-6)
