@@ -116,6 +116,10 @@ def build_parser() -> Parser:
     tr.add_argument("--vision-adaptor", action=argparse.BooleanOptionalAction, default=True)
     tr.add_argument("--fusion", choices=["multi_layer", "last"], default="multi_layer")
     tr.add_argument("--num-queries", type=_positive_int, default=2)
+    tr.add_argument("--intermediate-size", type=_positive_int, default=None,
+                    help="the drafter's MLP width (default: the target's); narrower drafts faster on a CPU")
+    tr.add_argument("--num-heads", type=_positive_int, default=None,
+                    help="the drafter's attention heads (default: the target's)")
     tr.add_argument("--epochs", type=_positive_int, default=1)
     tr.add_argument("--max-steps", type=_positive_int, default=None)
     tr.add_argument("--batch-size", type=_positive_int, default=8)

@@ -190,9 +190,13 @@ class Drafter(nn.Module):
         fusion: str = "multi_layer",
         feature_layers: tuple[int, ...] | None = None,
         draft_rows: int = 1,
+        intermediate_size: int | None = None,
+        num_heads: int | None = None,
     ) -> "Drafter":
         """An untrained drafter sized to the target (a transformers model or its config). For an AR image generator
-        (Janus family) it drafts image codes: modality "image", no vision adaptor."""
+        (Janus family) it drafts image codes: modality "image", no vision adaptor. intermediate_size and num_heads
+        (default: the target's) make a leaner layer: a draft forward reads every drafter weight, so on a CPU its
+        cost follows their size; the head width stays the target's, so the rotary angles are the same."""
         model = model_or_config if isinstance(model_or_config, nn.Module) else None
         config = model.config if model is not None else model_or_config
         image_gen = generates_images(config)
@@ -208,11 +212,14 @@ class Drafter(nn.Module):
         tc = config.get_text_config()
         n_layers = tc.num_hidden_layers
         heads = tc.num_attention_heads
+        for name, value in (("intermediate_size", intermediate_size), ("num_heads", num_heads)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InputError(f"{name} must be a positive integer (default: the target's), got {value!r}")
         config_obj = DrafterConfig(
             hidden_size=tc.hidden_size,
-            intermediate_size=tc.intermediate_size,
-            num_attention_heads=heads,
-            num_key_value_heads=getattr(tc, "num_key_value_heads", None) or heads,
+            intermediate_size=intermediate_size or tc.intermediate_size,
+            num_attention_heads=num_heads or heads,
+            num_key_value_heads=num_heads or getattr(tc, "num_key_value_heads", None) or heads,
             head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
             vocab_size=int(config.vq_config.num_embeddings) if image_gen else tc.vocab_size,
             target_num_layers=n_layers,

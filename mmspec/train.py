@@ -64,6 +64,8 @@ class TrainConfig:
     teacher_cache_gb: float = 2.0  # host memory for reused teacher signals; 0 recomputes them every time
     guidance_scale: float = 5.0  # image targets: the CFG scale the target draws its training images with
     draft_rows: int = 1  # image targets: 2 trains on both CFG rows for drafting from combined logits (LANTERN)
+    intermediate_size: int | None = None  # the drafter's MLP width (default: the target's)
+    num_heads: int | None = None  # the drafter's attention heads (default: the target's)
 
     def __post_init__(self) -> None:
         if not self.teacher_cache_gb >= 0:  # also rejects NaN
@@ -542,7 +544,8 @@ def train_drafter(target: str, data: str | Path, out: str | Path, cfg: TrainConf
     if cfg.draft_rows != 1 and not adapter.generates_images:
         raise InputError("--draft-rows 2 is for AR image generators (both CFG rows); a VLM drafter reads one row")
     drafter = Drafter.for_target(model, vision_adaptor=cfg.vision_adaptor, num_queries=cfg.num_queries, fusion=cfg.fusion,
-                                 draft_rows=cfg.draft_rows)
+                                 draft_rows=cfg.draft_rows, intermediate_size=cfg.intermediate_size,
+                                 num_heads=cfg.num_heads)
     drafter.config.extra["target"] = str(target)  # lets export-drafter find the LM head it shares
     drafter.to(accelerator.device)
     objective = DraftObjective(drafter, cfg.ttt_steps, cfg.noise)
@@ -617,7 +620,8 @@ def train_from_args(args) -> dict:
         max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, seed=args.seed,
         ttt_steps=args.ttt_steps, eval_fraction=args.eval_fraction, mixed_precision=args.mixed_precision,
         save_every=args.save_every, max_length=args.max_length, teacher_cache_gb=args.teacher_cache_gb,
-        guidance_scale=args.guidance_scale, draft_rows=args.draft_rows,
+        guidance_scale=args.guidance_scale, draft_rows=args.draft_rows, intermediate_size=args.intermediate_size,
+        num_heads=args.num_heads,
     )
     metrics = train_drafter(args.target, args.data, args.out, cfg, device=getattr(args, "device", None))
     held = metrics.get("held_out") or {}

@@ -338,3 +338,21 @@ def test_rotary_table_equals_the_angles_computed_in_place(pipes):
     assert torch.equal(plain_sin[..., :half], plain_sin[..., half:])
     textbook = x * cos + torch.cat([-b, a], -1) * plain_sin
     assert torch.allclose(x * cos + x.roll(half, dims=-1) * sin, textbook, atol=1e-6)
+
+
+def test_a_leaner_drafter_keeps_its_sizes_through_save_and_load(pipes, tmp_path):
+    """intermediate_size / num_heads shrink the drafter's layer (its cost on a CPU follows its bytes); the head width,
+    and so the rotary angles, stay the target's. Bad sizes are refused by name."""
+    target = pipes("llava").target
+    d = Drafter.for_target(target, vision_adaptor=True, intermediate_size=16, num_heads=1)
+    c = d.config
+    assert (c.intermediate_size, c.num_attention_heads, c.num_key_value_heads) == (16, 1, 1)
+    assert c.head_dim == Drafter.for_target(target).config.head_dim
+    back = Drafter.from_pretrained(d.save_pretrained(tmp_path / "lean"), target=target)
+    assert back.config == c and back.gate_proj.weight.shape == (16, c.hidden_size)
+    n = 3
+    out = back(torch.zeros(1, n, dtype=torch.long), torch.randn(1, n, c.hidden_size), torch.arange(n)[None], None, None)
+    assert out.shape == (1, n, c.hidden_size)
+    for bad in (0, -2, 2.5):
+        with pytest.raises(InputError, match="intermediate_size"):
+            Drafter.for_target(target, intermediate_size=bad)
