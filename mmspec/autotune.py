@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .config import TreeConfig
+from .errors import InputError
 from .target import cache_keep
 from .tree import DraftTree
 from .verify import Acceptance
@@ -83,12 +84,20 @@ def _write_cache(path: Path, key: str, entry: dict) -> None:
         logger.warning("could not cache the tuned tree in %s (%s); it will be measured again next time", path, e)
 
 
+def _cached_tree(entry) -> tuple[TreeConfig, dict] | None:
+    """A cache entry as (tree, entry), or None when it is missing or not one this version wrote (measure again)."""
+    try:
+        return TreeConfig(**{k: entry["tree"][k] for k in ("depth", "top_k", "total_tokens")}), entry
+    except (TypeError, KeyError, InputError):
+        return None
+
+
 def tune_tree(pipe, source: str | None, n_prompts: int = 2, max_new_tokens: int = 48) -> tuple[TreeConfig, dict]:
     """The best shape for `pipe` and what it was chosen from; cached under `source` (None: measure, do not cache)."""
     path = cache_file()
     key = cache_key(pipe, source) if source else None
-    if key and key in (hit := _read_cache(path)):
-        return TreeConfig(**hit[key]["tree"]), hit[key]
+    if key and (tree := _cached_tree(_read_cache(path).get(key))) is not None:
+        return tree
     t0 = time.perf_counter()
     prompts = calibration_prompts(pipe, n_prompts)
     verify_ms = measure_verify(pipe, prompts[0])

@@ -52,6 +52,8 @@ def test_auto_is_measured_once_then_read_from_the_cache(monkeypatch):
     assert again.tree == pipe.tree
     monkeypatch.undo()
 
+    autotune.cache_file().write_text(json.dumps({key: {"tree": {"depth": 0}}}))  # not an entry this version wrote
+    assert mmspec.load("mini-vlm", device="cpu", tree=TreeConfig.preset("auto")).tree.total_tokens > 1
     autotune.cache_file().write_text("{not json")  # a torn or hand-edited cache is measured again, not trusted
     third = mmspec.load("mini-vlm", device="cpu", tree=TreeConfig.preset("auto"))
     assert third.tree.total_tokens > 1 and key in json.loads(autotune.cache_file().read_text())
