@@ -210,16 +210,13 @@ class EagleProposer:
         self.kv.crop(committed)
         return torch.cat(cand_tokens), torch.cat(cand_parents), torch.cat(cand_scores)
 
-    @property
-    def _log_min_conf(self) -> float:
-        return math.log(self.tree.min_confidence)
-
     def _stop_drafting(self, cand_scores: list[Tensor], beam_scores: Tensor, n_keep: int) -> bool:
         """Whether to stop before the next depth. Below the tree's min_confidence the best path is unlikely to be
         accepted further (a choice of shape). Otherwise only when no deeper candidate can make the final tree, so the
         tree is the same: a child scores at most its parent (log-probabilities are <= 0) and ties go to earlier
         candidates, so once the best beam score is at most the n_keep-th best so far, every later candidate loses."""
-        if self.tree.min_confidence > 0 and float(beam_scores.max()) < self._log_min_conf:
+        floor = self.tree.min_confidence
+        if floor > 0 and float(beam_scores.max()) < math.log(floor):
             return True
         if not self.prune or sum(c.numel() for c in cand_scores) < n_keep:
             return False
