@@ -88,10 +88,32 @@ class PeakMemory:
             self._thread.join()
 
 
+def load_drafter_pipes(target: str, methods: list[str], dev: torch.device, dtype, tree: TreeConfig,
+                       draft_dtype) -> dict:
+    """{"vispec": pipeline, "eagle": pipeline sharing its target (when asked for)}. Under `auto` each drafter gets
+    its own measured shape; both run in one dtype, so the ablation is the adaptor, not the dtype."""
+    from . import load
+    from .drafter import Drafter
+    from .pipeline import Pipeline
+    from .registry import resolve_dir
+
+    pipes = {"vispec": load(target, DRAFTERS[target]["vispec"], device=dev, dtype=dtype, tree=tree,
+                            draft_dtype=draft_dtype)}
+    base = pipes["vispec"]
+    if "eagle" in methods:
+        eagle = Drafter.from_pretrained(resolve_dir(DRAFTERS[target]["eagle"], "drafter"), target=base.target)
+        eagle.to(device=base.device, dtype=next(base.drafter.parameters()).dtype).eval()
+        pipes["eagle"] = Pipeline(base.target, base.processor, base.adapter, eagle, tree)
+        if isinstance(tree, AutoTreeConfig):
+            from .autotune import auto_tree
+
+            pipes["eagle"].tree = auto_tree(pipes["eagle"], f"{target} + {DRAFTERS[target]['eagle']}")
+    return pipes
+
+
 def run_bench(target: str = "mini-vlm", *, n: int = 8, max_new_tokens: int = 128, temperature: float = 0.0,
               device: str | None = None, dtype: str | None = None, tree_preset: str | None = None,
               methods: list[str] | None = None, seed: int = 0, draft_dtype: str | None = None) -> dict:
-    from . import load
     from .pipeline import load_target
 
     if target not in BUILTIN_TARGETS:
@@ -104,23 +126,9 @@ def run_bench(target: str = "mini-vlm", *, n: int = 8, max_new_tokens: int = 128
     if "autoregressive" not in methods:
         methods.insert(0, "autoregressive")  # the reference for speedup and lossless
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tree = TreeConfig.preset(tree_preset or "auto")  # auto: each drafter gets its own measured shape
-    pipes = {"vispec": load(target, DRAFTERS[target]["vispec"], device=dev, dtype=dtype, tree=tree,
-                            draft_dtype=draft_dtype)}
+    pipes = load_drafter_pipes(target, methods, dev, dtype, TreeConfig.preset(tree_preset or "auto"), draft_dtype)
     base = pipes["vispec"]
-    draft_dt = next(base.drafter.parameters()).dtype  # both drafters alike: the ablation is the adaptor, not the dtype
-    if "eagle" in methods:
-        from .drafter import Drafter
-        from .pipeline import Pipeline
-        from .registry import resolve_dir
-
-        eagle = Drafter.from_pretrained(resolve_dir(DRAFTERS[target]["eagle"], "drafter"), target=base.target)
-        eagle.to(device=base.device, dtype=draft_dt).eval()
-        pipes["eagle"] = Pipeline(base.target, base.processor, base.adapter, eagle, tree)
-        if isinstance(tree, AutoTreeConfig):
-            from .autotune import auto_tree
-
-            pipes["eagle"].tree = auto_tree(pipes["eagle"], f"{target} + {DRAFTERS[target]['eagle']}")
+    draft_dt = next(base.drafter.parameters()).dtype
     assistant = None
     if "hf_assisted" in methods:
         assistant, _, _ = load_target(ASSISTANTS[target], device=dev, dtype=base.target.dtype)
