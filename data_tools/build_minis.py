@@ -137,13 +137,27 @@ def select_tasks(sources: list[tuple[Path, dict[str, float]]], dst: Path, seed: 
     return kept
 
 
+def _export_vlm(work: Path, out: Path, assets: Path | None) -> None:
+    """The shipped copies (fp16) of mini-vlm, its assistant and drafters, and the bundled sample scene."""
+    from .shapes_world import render, sample_scene
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, copy in (("mini-vlm", _half_copy_model), ("mini-vlm-assistant", _half_copy_model),
+                       ("mini-vlm-vispec", _half_copy_drafter), ("mini-vlm-eagle", _half_copy_drafter)):
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+        copy(work / name, out / name)
+    if assets is not None:
+        assets.mkdir(parents=True, exist_ok=True)
+        render(sample_scene(torch.Generator().manual_seed(7), n_objects=3)).save(assets / "sample_scene.png")
+
+
 def build(work: Path, out: Path, plan: BuildPlan, assets: Path | None = None) -> dict:
     from mmspec.train import TrainConfig, train_drafter
 
     from .regenerate import regenerate
-    from .shapes_world import make_dataset, render, sample_scene
+    from .shapes_world import TASKS, make_dataset
     from .tokenizer import conversation_texts, train_tokenizer
-    from .shapes_world import TASKS
     from .train_target import TRAIN_TASKS, build_target, evaluate_target, train_target
 
     torch.manual_seed(plan.seed)
@@ -238,18 +252,7 @@ def build(work: Path, out: Path, plan: BuildPlan, assets: Path | None = None) ->
         timed("assistant", lambda: train_target(init, regen, assistant, steps=plan.assistant_steps,
                                                 batch_size=plan.target_batch, seed=plan.seed))
 
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("mini-vlm", "mini-vlm-assistant"):
-        if (out / name).exists():
-            shutil.rmtree(out / name)
-        _half_copy_model(work / name, out / name)
-    for name in ("mini-vlm-vispec", "mini-vlm-eagle"):
-        if (out / name).exists():
-            shutil.rmtree(out / name)
-        _half_copy_drafter(work / name, out / name)
-    if assets is not None:
-        assets.mkdir(parents=True, exist_ok=True)
-        render(sample_scene(torch.Generator().manual_seed(7), n_objects=3)).save(assets / "sample_scene.png")
+    _export_vlm(work, out, assets)
     info["total_s"] = round(time.perf_counter() - t_all, 1)
     info["sizes_mb"] = {p.name: round(sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) / 2**20, 2)
                         for p in sorted(out.iterdir()) if p.is_dir()}

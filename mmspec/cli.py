@@ -59,6 +59,13 @@ def _add_model_args(p: argparse.ArgumentParser, drafter: bool = True) -> None:
                    "the target, drafter and machine once and cached, for VLMs; cpu on CPU, gpu on CUDA for images)")
 
 
+def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("--temperature", type=_nonneg_float, default=temperature)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
 def _add_generate_image_parser(sub) -> None:
     """`mmspec generate-image`: the image-generation contract's flags."""
     gen = sub.add_parser("generate-image", help="generate an image with an AR image generator (Janus family)")
@@ -71,10 +78,7 @@ def _add_generate_image_parser(sub) -> None:
     gen.add_argument("--lantern-delta", type=float, default=None, help="LANTERN's total-variation bound (default 0.2)")
     gen.add_argument("--lantern-lam", type=float, default=None, help="LANTERN++'s cap p~(x) <= lam p(x) (default 2)")
     gen.add_argument("--guidance-scale", type=float, default=5.0)
-    gen.add_argument("--temperature", type=_nonneg_float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
+    _add_sampling_args(gen, temperature=1.0)
     gen.add_argument("--compare", action="store_true", help="also generate without drafting and print both speeds")
     gen.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
@@ -89,10 +93,7 @@ def build_parser() -> Parser:
     cap.add_argument("--prompt", default="Describe the image in detail.")
     _add_model_args(cap)
     cap.add_argument("--max-new-tokens", type=_positive_int, default=128)
-    cap.add_argument("--temperature", type=_nonneg_float, default=0.0)
-    cap.add_argument("--top-p", type=float, default=1.0)
-    cap.add_argument("--top-k", type=int, default=0)
-    cap.add_argument("--seed", type=int, default=None)
+    _add_sampling_args(cap, temperature=0.0)
     cap.add_argument("--compare", action="store_true", help="also decode without drafting; print speeds and a match check")
 
     bench = sub.add_parser("bench", help="compare autoregressive, hf_assisted, eagle and vispec decoding")

@@ -514,16 +514,12 @@ def _checkpoint(t: _Training, loop: LoopState, ckpt: Path) -> None:
     acc.wait_for_everyone()
 
 
-def train_drafter(target: str, data: str | Path, out: str | Path, cfg: TrainConfig = TrainConfig(), *,
-                  device: str | None = None) -> dict:
-    """Train a drafter for `target` on JSONL conversations; writes a Drafter directory to `out` (main process only).
-    Rerunning the same call after an interruption resumes from the last checkpoint in `out` and trains exactly the
-    weights the uninterrupted run would have."""
+def _start(out: Path, ckpt: Path, cfg: TrainConfig, device: str | None):
+    """The accelerator, after checking --out (empty, or holding a checkpoint to resume) and creating it now, not after
+    hours of training."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    out = Path(out)
-    ckpt = out / CHECKPOINT
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not ckpt.is_dir():
         raise OutputExistsError(f"output {str(out)!r} exists and is not empty (or not a directory), and holds no "
                                 f"checkpoint to resume; choose a new --out")
@@ -535,19 +531,34 @@ def train_drafter(target: str, data: str | Path, out: str | Path, cfg: TrainConf
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     if accelerator.is_main_process:
-        try:  # now, not after hours of training
+        try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise InputError(f"cannot create --out {str(out)!r}: {e.strerror or e}") from None
-    torch.manual_seed(cfg.seed)
-    train_set, eval_set, report, model, processor, adapter = _load_inputs(target, data, cfg, accelerator.device)
+    return accelerator
+
+
+def _new_drafter(target: str, model, adapter, cfg: TrainConfig) -> Drafter:
     if cfg.draft_rows != 1 and not adapter.generates_images:
         raise InputError("--draft-rows 2 is for AR image generators (both CFG rows); a VLM drafter reads one row")
     drafter = Drafter.for_target(model, vision_adaptor=cfg.vision_adaptor, num_queries=cfg.num_queries, fusion=cfg.fusion,
                                  draft_rows=cfg.draft_rows, intermediate_size=cfg.intermediate_size,
                                  num_heads=cfg.num_heads)
     drafter.config.extra["target"] = str(target)  # lets export-drafter find the LM head it shares
-    drafter.to(accelerator.device)
+    return drafter
+
+
+def train_drafter(target: str, data: str | Path, out: str | Path, cfg: TrainConfig = TrainConfig(), *,
+                  device: str | None = None) -> dict:
+    """Train a drafter for `target` on JSONL conversations; writes a Drafter directory to `out` (main process only).
+    Rerunning the same call after an interruption resumes from the last checkpoint in `out` and trains exactly the
+    weights the uninterrupted run would have."""
+    out = Path(out)
+    ckpt = out / CHECKPOINT
+    accelerator = _start(out, ckpt, cfg, device)
+    torch.manual_seed(cfg.seed)
+    train_set, eval_set, report, model, processor, adapter = _load_inputs(target, data, cfg, accelerator.device)
+    drafter = _new_drafter(target, model, adapter, cfg).to(accelerator.device)
     objective = DraftObjective(drafter, cfg.ttt_steps, cfg.noise)
     optimizer = torch.optim.AdamW([p for p in drafter.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
