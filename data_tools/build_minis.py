@@ -270,22 +270,22 @@ class GenPlan:
     size: str = "mini"
     n_train: int = 20_000
     n_heldout: int = 512
-    vq_steps: int = 1_500  # ~0.45 s a batch-16 step on 2 free cores, ~1.2 s beside another job
-    vq_batch: int = 16
-    vq_minutes: float = 20.0  # wall-clock cap (the shipped VQ: 12 min, then an 8-min continuation; docs/mini-gen.md)
+    vq_steps: int = 12_000  # batch 32: ~0.3 s a step with bf16 autocast on 1 thread (AMX), ~0.55 s in fp32
+    vq_batch: int = 32
+    vq_minutes: float = 35.0  # wall-clock cap; the schedule follows whichever of steps and clock runs out first
     vq_lr: float = 2e-3
-    gen_minutes: float = 60.0  # the generator trains to a wall-clock budget; its cosine schedule follows the clock
+    gen_minutes: float = 55.0  # the generator trains to a wall-clock budget; its cosine schedule follows the clock
     gen_max_steps: int = 100_000
     gen_n_train: int = 16_000  # images encoded for the generator: encoding costs ~15 ms an image on 2 busy cores
-    gen_batch: int = 16  # a step of 32 took 2.5-8 s with another job on the CPU: more, smaller steps
+    gen_batch: int = 32  # ~0.25 s a step with bf16 autocast on 2 free cores (AMX); 2.5-8 s on a busy AVX2 CPU
     gen_lr: float = 1e-3
     export_after_minutes: float = 15.0  # an early export, overwritten by the final one
     # stochastic re-quantisation of the training codes (train_gen.swap_codes): the code-level ambiguity LANTERN needs
     code_swap_p: float = 0.8
     code_swap_k: int = 8
     n_samples: int = 16  # images in docs/mini-gen-samples.png and in the top-1 probability measurement
-    drafter_prompts: int = 500  # prompt lines mini-gen-drafter trains on (mini-gen draws each image once: cached)
-    drafter_steps: int = 400
+    drafter_prompts: int = 2_000  # prompt lines mini-gen-drafter trains on (mini-gen draws each image once: cached)
+    drafter_steps: int = 2_000
     drafter_rows: int = DRAFTER_ROWS
     seed: int = 0
 

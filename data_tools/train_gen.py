@@ -110,7 +110,7 @@ def gen_config(tokenizer, size: str = "mini") -> JanusConfig:
                                mlp_ratio=2.0)
     # base_channels 32 is the floor (GroupNorm has 32 groups); three levels downsample 32 px by 4 to an 8x8 grid.
     vq = JanusVQVAEConfig(embed_dim=8, num_embeddings=codes, latent_channels=64, base_channels=32,
-                          channel_multiplier=[1, 2, 2], num_res_blocks=1, projection_dim=hidden,
+                          channel_multiplier=[1, 2, 2], num_res_blocks=2, projection_dim=hidden,
                           image_token_embed_dim=hidden)
     return JanusConfig(text_config=text, vision_config=vision, vq_config=vq,
                        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE), tie_word_embeddings=False)
@@ -254,10 +254,10 @@ def train_generator(plan, data: Path, tok_dir: Path, vq_dir: Path, out_dir: Path
     out_dir/final.pt holds the final state dict and out_dir/done.json the training record."""
     import time
 
-    from .train_vq import pick_threads
+    from .train_vq import native_bf16, pick_threads
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    threads = pick_threads(0)
+    threads, bf16 = pick_threads(0), native_bf16()  # bf16 autocast (fp32 weights) where the CPU has it natively
     tokenizer, model, ids, codes = _prepare_generator(plan, data, tok_dir, vq_dir, out_dir)
     pad, keep = tokenizer.pad_token_id, {tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids(BOI)}
     params = _trainable(model)
@@ -291,8 +291,9 @@ def train_generator(plan, data: Path, tok_dir: Path, vq_dir: Path, out_dir: Path
         idx = torch.randint(n, (plan.gen_batch,), generator=g)
         drop = torch.rand(plan.gen_batch, generator=g) < COND_DROPOUT
         target = swap_codes(codes["train"][idx], neighbours, plan.code_swap_p, g)
-        logits = _batch(model, [ids["train"][i] for i in idx], target, pad, keep, drop)
-        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = _batch(model, [ids["train"][i] for i in idx], target, pad, keep, drop)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -321,7 +322,7 @@ def train_generator(plan, data: Path, tok_dir: Path, vq_dir: Path, out_dir: Path
     state["elapsed"] = time.perf_counter() - t_start
     save_ckpt()
     record = {**_record(state, losses), "heldout_loss": round(_heldout_loss(model, held_ids, held_codes, pad, keep), 4),
-              "final": True}
+              "bf16_autocast": bf16, "final": True}
     torch.save(model.state_dict(), out_dir / "final.pt")
     (out_dir / "done.json").write_text(json.dumps(record, indent=1) + "\n")
     logger.info("generator done: %s", {k: v for k, v in record.items() if k != "log"})

@@ -72,6 +72,11 @@ def pick_threads(current: int) -> int:
     return threads
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 / AMX): autocast pays off only there."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def to_pixels(images: torch.Tensor) -> torch.Tensor:
     """uint8 [B, 3, H, W] -> float in -1..1, as JanusImageProcessor with mean = std = 0.5 normalises."""
     return images.float() / 127.5 - 1.0
@@ -84,8 +89,10 @@ def _latents(vqmodel, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 def _nearest(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest l2-normalised code by cosine; z [..., D] normalised, codebook [V, D] raw."""
-    return (z @ F.normalize(codebook, dim=-1).t()).argmax(-1)
+    """Index of the nearest l2-normalised code by cosine; z [..., D] normalised, codebook [V, D] raw. Always in fp32:
+    under bf16 autocast near-tied codes would be picked by rounding, unlike ``encode_codes`` later."""
+    with torch.autocast("cpu", enabled=False):
+        return (z.float() @ F.normalize(codebook.float(), dim=-1).t()).argmax(-1)
 
 
 @torch.no_grad()
@@ -97,7 +104,7 @@ def encode_codes(vqmodel, pixel_values: torch.Tensor) -> torch.Tensor:
 
 def _forward(vqmodel, x: torch.Tensor):
     """Reconstruction, codebook + commitment loss and codes of a batch x [B, 3, H, W]."""
-    z = _latents(vqmodel, x)
+    z = _latents(vqmodel, x).float()
     idx = _nearest(z.detach(), vqmodel.quantize.embedding.weight)
     e = F.normalize(vqmodel.quantize.embedding(idx), dim=-1)
     vq_loss = F.mse_loss(e, z.detach()) + COMMIT * F.mse_loss(z, e.detach())
@@ -150,9 +157,11 @@ def save_recon_grid(vqmodel, images: torch.Tensor, path: Path, n: int = 16, scal
 
 def train_vq(vqmodel, images: torch.Tensor, masks: torch.Tensor, held_out: torch.Tensor, out_dir: Path, *,
              steps: int, batch_size: int = 32, lr: float = 1e-3, restart_every: int = 100, seed: int = 0,
-             log_every: int = 50, minutes: float = VQ_MINUTES, resume: bool = False) -> dict:
+             log_every: int = 50, minutes: float = VQ_MINUTES, resume: bool = False, bf16: bool | None = None) -> dict:
     """Train ``vqmodel`` in place on uint8 images [N, 3, 32, 32] with object masks [N, 32, 32]; save
-    out_dir/vq.pt (state dict), out_dir/recon.png and out_dir/vq_metrics.json. Returns the metrics."""
+    out_dir/vq.pt (state dict), out_dir/recon.png and out_dir/vq_metrics.json. Returns the metrics.
+    ``bf16``: bfloat16 autocast (fp32 weights); None turns it on where the CPU multiplies bf16 natively (a step
+    costs ~0.55x of fp32 there, docs/mini-gen.md)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -165,6 +174,7 @@ def train_vq(vqmodel, images: torch.Tensor, masks: torch.Tensor, held_out: torch
     usage = torch.zeros(vqmodel.config.num_embeddings)
     recent: list[torch.Tensor] = []
     t0, losses, restarts, threads = time.perf_counter(), [], 0, pick_threads(0)
+    bf16 = native_bf16() if bf16 is None else bf16
     for step in tqdm(range(steps), desc="vq", unit="step", disable=None):
         progress = max(step / steps, (time.perf_counter() - t0) / (minutes * 60))
         if progress >= 1:
@@ -176,7 +186,9 @@ def train_vq(vqmodel, images: torch.Tensor, masks: torch.Tensor, held_out: torch
             threads = pick_threads(threads)
         idx = torch.randint(len(images), (batch_size,), generator=g)
         x, m = to_pixels(images[idx]), masks[idx].float().unsqueeze(1)
-        recon, vq_loss, z, codes = _forward(vqmodel, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            recon, vq_loss, z, codes = _forward(vqmodel, x)
+        recon, z = recon.float(), z.float()
         weight = 1.0 + OBJECT_WEIGHT * m
         rec_loss = (weight * ((recon - x).pow(2) + (recon - x).abs())).mean() / weight.mean()
         loss = rec_loss + vq_loss
@@ -195,7 +207,7 @@ def train_vq(vqmodel, images: torch.Tensor, masks: torch.Tensor, held_out: torch
             logger.info("vq step %d/%d rec %.4f vq %.4f lr %.2e (%.0f s)", step + 1, steps, rec_avg,
                         losses[-1][1], lr_now, time.perf_counter() - t0)
     vqmodel.eval()
-    metrics = {"steps": len(losses), "batch_size": batch_size, "minutes": round((time.perf_counter() - t0) / 60, 1),
+    metrics = {"steps": len(losses), "batch_size": batch_size, "bf16_autocast": bf16, "minutes": round((time.perf_counter() - t0) / 60, 1),
                "final_rec_loss": round(sum(r for r, _ in losses[-50:]) / len(losses[-50:]), 4),
                "codes_restarted": restarts, **evaluate_vq(vqmodel, held_out)}
     logger.info("vq done: %s", metrics)

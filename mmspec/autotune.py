@@ -165,20 +165,28 @@ def _rows(pipe, prompt):
 
 def measure_verify(pipe, prompt, reps: int = 5) -> dict[int, float]:
     """ms of one target forward over an N-node tree after the prompt, for every N in TOTALS (and 1)."""
-    runner = pipe.runner
-    inputs, rows = _rows(pipe, prompt)
+    inputs = pipe.prepare(*prompt)
+    return verify_times(pipe.runner, inputs, pipe.target.get_output_embeddings().weight.shape[0], TOTALS, reps)
+
+
+@torch.no_grad()
+def verify_times(runner, inputs: dict, vocab: int, totals, reps: int = 5) -> dict[int, float]:
+    """Median ms of `runner.verify` over a random N-token chain after the prompt rows `inputs`, for N in 1 + totals;
+    the cache goes back to the prompt after each."""
+    from .engine import Rows
+
+    rows = Rows.of(runner, inputs)
     pre = runner.prefill(inputs, True, False, rows.positions)
     past = inputs["input_ids"].shape[1]
     runner.mask.start(rows.pads)
     times: dict[int, list[float]] = {}
     g = torch.Generator().manual_seed(0)
-    vocab = pipe.target.get_output_embeddings().weight.shape[0]
     for _ in range(reps):
-        for n in (1, *TOTALS):
-            tree = DraftTree.chain(torch.randint(vocab, (n,), generator=g), device=pipe.device)
+        for n in (1, *totals):
+            tree = DraftTree.chain(torch.randint(vocab, (n,), generator=g), device=runner.device)
             t = time.perf_counter()
             runner.verify(tree, pre.cache, past, rows.next_pos, True)
-            _sync(pipe.device)
+            _sync(runner.device)
             times.setdefault(n, []).append((time.perf_counter() - t) * 1e3)
             cache_keep(pre.cache, past, torch.tensor([], dtype=torch.long))  # back to the prompt
     return {n: statistics.median(v) for n, v in times.items()}

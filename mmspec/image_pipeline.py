@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from PIL import Image
@@ -20,7 +20,7 @@ from torch import Tensor
 from transformers import BatchFeature, LogitsProcessorList
 
 from .acceptance import EXACT, Exact, check_rule
-from .config import SamplingConfig, TreeConfig, seeded_generator
+from .config import AutoTreeConfig, SamplingConfig, TreeConfig, seeded_generator
 from .drafter import Drafter
 from .engine import Stats, StepEvent, decode, first_row, guidance
 from .errors import InputError, InputTypeError
@@ -73,8 +73,11 @@ def check_guidance(scale: object) -> float:
 
 
 class ImagePipeline:
-    def __init__(self, target, processor, adapter, drafter: Drafter | None, tree: TreeConfig) -> None:
+    def __init__(self, target, processor, adapter, drafter: Drafter | None, tree: TreeConfig,
+                 source: str | None = None) -> None:
         self.target = target
+        self.source = source  # where target and drafter came from: the auto tree's cache key (None: not cached)
+        self.tuned: dict = {}  # acceptance rule -> (TreeConfig, tuning record), under TreeConfig.preset("auto")
         self.processor = processor
         self.adapter = adapter
         self.drafter = drafter
@@ -142,21 +145,54 @@ class ImagePipeline:
         if speculative and self.drafter is None:
             raise InputError("speculative=True needs a drafter; load one or pass speculative=False")
         neighbours = self.neighbours_for(rule.k) if rule.relaxed else None
+        rows, combine = self.rows_and_combine(prompt, scale)
+        tree = self.tree_for(rule) if speculative else None
+        proposer = self.proposer(tree, scale) if tree is not None and tree.total_tokens > 1 else NullProposer()
+        accept = acceptor(rule, sampling, seeded_generator(self.device, seed), neighbours)
+        return decode(self.runner, proposer, rows, accept, self.adapter.num_codes(self.target), frozenset(), None,
+                      combine)
+
+    def rows_and_combine(self, prompt: str, scale: float) -> tuple[dict, Callable[[Tensor], Tensor]]:
+        """The rows one image decodes (cond, uncond; the cond row alone at scale 1, where the uncond row would be
+        computed and multiplied by zero) and how their logits combine into the distribution codes are drawn from."""
         inputs = self.prepare(prompt)
         n_codes = self.adapter.num_codes(self.target)
         ctx = self.runner.max_context
         if ctx and inputs["input_ids"].shape[1] + n_codes > ctx:
             raise InputError(f"the prompt ({inputs['input_ids'].shape[1]} tokens) plus {n_codes} image codes exceeds "
                              f"the target's context of {ctx}; shorten the prompt")
-        # scale 1 is the cond row alone: the uncond row would be computed and multiplied by zero
-        rows = inputs if scale == 1.0 else self.adapter.guidance_rows(inputs, *self.special)
-        generator = seeded_generator(self.device, seed)
-        use_tree = speculative and self.tree.total_tokens > 1
-        combine = first_row if scale == 1.0 else guidance(scale)
-        both = use_tree and self.drafter.config.draft_rows == 2 and scale != 1.0
-        proposer = EagleProposer(self.drafter, self.tree, combine if both else None) if use_tree else NullProposer()
-        accept = acceptor(rule, sampling, generator, neighbours)
-        return decode(self.runner, proposer, rows, accept, n_codes, frozenset(), None, combine)
+        if scale == 1.0:
+            return inputs, first_row
+        return self.adapter.guidance_rows(inputs, *self.special), guidance(scale)
+
+    def proposer(self, tree: TreeConfig, scale: float) -> EagleProposer:
+        """The drafter's proposer for one image: on the cond row, or on both rows combined as the target's logits
+        for a drafter trained that way (draft_rows=2)."""
+        both = self.drafter.config.draft_rows == 2 and scale != 1.0
+        return EagleProposer(self.drafter, tree, guidance(scale) if both else None)
+
+    def tree_for(self, acceptance: Exact = EXACT) -> TreeConfig:
+        """The tree generate_image drafts with under `acceptance`: the pipeline's own, or with
+        `TreeConfig.preset("auto")` the shape measured fastest for this rule on this machine (mmspec.image_autotune,
+        measured on first use, cached on disk)."""
+        if not isinstance(self.tree, AutoTreeConfig) or self.drafter is None:
+            return self.tree
+        if acceptance not in self.tuned:
+            self.tune([acceptance])
+        return self.tuned[acceptance][0]
+
+    def tune(self, rules: list) -> None:
+        """Measure (or read from the cache) the auto tree of several rules with one calibration."""
+        from .image_autotune import tune_image_trees
+
+        todo = [r for r in dict.fromkeys(rules) if r not in self.tuned]
+        if not todo or not isinstance(self.tree, AutoTreeConfig) or self.drafter is None:
+            return
+        for rule, (tree, entry) in tune_image_trees(self, todo, self.source).items():
+            self.tuned[rule] = (tree, entry)
+            logger.info("tree auto for %r: depth %d, top_k %d, total_tokens %d (expected tau %.2f, %.2fx)", rule,
+                        tree.depth, tree.top_k, tree.total_tokens, entry.get("expected_tau", 0),
+                        entry.get("expected_speedup", 0))
 
     def stream_image(self, prompt: str, **kwargs) -> Iterator[ImageStreamEvent]:
         """One event per verify step; `image` shows the rows completed so far whenever a step completes one (the rest

@@ -85,8 +85,8 @@ def load(
         if generation_config is not None:
             raise InputError("generation_config applies to text generation; an image generator takes guidance_scale, "
                              "temperature, top_k and top_p in generate_image")
-        return ImagePipeline(model, processor, adapter, _load_drafter(drafter, model, target_name, builtin,
-                                                                         draft_dtype), tree)
+        drafter_obj = _load_drafter(drafter, model, target_name, builtin, draft_dtype)
+        return ImagePipeline(model, processor, adapter, drafter_obj, tree, _cache_source(target_name, drafter))
     pipe_config = generation_config if generation_config is not None else model.generation_config
     check_generation_config(pipe_config)  # before the drafter loads: a refusal should cost nothing
     drafter_obj = _load_drafter(drafter, model, target_name, builtin, draft_dtype)
@@ -94,10 +94,14 @@ def load(
     if isinstance(tree, AutoTreeConfig) and drafter_obj is not None:
         from .autotune import auto_tree
 
-        # cached by where the models came from; a Drafter instance may be mid-training, so it is measured every time
-        source = None if isinstance(drafter, Drafter) else f"{_source(target_name)} + {_source(drafter or 'builtin')}"
-        pipe.tree = auto_tree(pipe, source)
+        pipe.tree = auto_tree(pipe, _cache_source(target_name, drafter))
     return pipe
+
+
+def _cache_source(target_name: str, drafter) -> str | None:
+    """The auto tree's cache key for these models: where they came from; a Drafter instance may be mid-training, so
+    it is measured every time (None)."""
+    return None if isinstance(drafter, Drafter) else f"{_source(target_name)} + {_source(drafter or 'builtin')}"
 
 
 def _source(name: Any) -> str:
