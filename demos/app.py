@@ -236,10 +236,11 @@ def load_demo(vlm: str | None, gen: str | None, device: str | None = None, vlm_d
             errors[role] = "disabled on the command line"
             continue
         try:
-            # the VLM's tree is tuned to this machine (a few seconds once, then cached); an image generator's
-            # rules and CFG rows are not what the tuner measures, so it keeps the default shape
-            tree = mmspec.TreeConfig.preset("auto") if role == "vlm" else mmspec.TreeConfig()
-            models[role] = mmspec.load(name, drafter, device=device, tree=tree)
+            # trees tuned to this machine (a few seconds once, then cached): the VLM's by load, the generator's per
+            # acceptance rule, the tab's defaults now so that the first click does not wait for it
+            models[role] = mmspec.load(name, drafter, device=device, tree=mmspec.TreeConfig.preset("auto"))
+            if role == "gen" and hasattr(models[role], "tune"):
+                models[role].tune([Demo._rule(r, 8, 0.2, 2.0) for r in ("exact", "lantern")])
         except UserError as e:
             errors[role] = str(e)
             logger.warning("%s %r not loaded: %s", role, name, e)

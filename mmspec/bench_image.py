@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .acceptance import Exact, Lantern, LanternPP
-from .config import TreeConfig
+from .config import AutoTreeConfig, TreeConfig
 from .errors import InputError, MissingInputError
 
 logger = logging.getLogger(__name__)
@@ -78,10 +78,10 @@ def run_image_bench(target: str = "mini-gen", *, n: int = 16, guidance_scale: fl
     from . import load
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tree = TreeConfig.preset(tree_preset or ("gpu" if dev.type == "cuda" else "cpu"))
-    pipe = load(target, device=dev, dtype=dtype, tree=tree)
+    pipe = load(target, device=dev, dtype=dtype, tree=TreeConfig.preset(tree_preset or "auto"))
     records = held_out_gen_prompts(n)
     settings = _settings(sweep)
+    pipe.tune([s.rule for s in settings.values() if s.speculative])  # one calibration for every rule (auto only)
     kw = dict(guidance_scale=guidance_scale, temperature=temperature)
     names = list(settings)
     with torch.inference_mode():
@@ -126,25 +126,36 @@ def _report(target, pipe, n, kw, settings, scores, lossless) -> dict:
         row = {"tokens_per_s": round(s.speed, 2), "mean_accepted": round(s.new_tokens / max(s.target_forwards, 1), 3),
                "speedup": round(s.speed / ar, 3), "speedup_over_exact": round(s.speed / ex, 3),
                **{k: (None if v is None else round(v, 4)) for k, v in scores.get(name, {}).items()},
-               "ms_per_step": {k: round(1e3 * v / max(s.target_forwards, 1), 3) for k, v in s.split_s.items()}}
+               "ms_per_step": {k: round(1e3 * v / max(s.target_forwards, 1), 3) for k, v in s.split_s.items()},
+               "tree": asdict(pipe.tree_for(s.rule)) if s.speculative else None}
         if name in HEADLINE:
             rows[name] = {**row, "rule": repr(s.rule), "lossless": lossless if name == "exact" else None}
         else:
             sweep.append({"rule": "lantern", "k": s.rule.k, "delta": s.rule.delta, **row})
     return {"target": target, "device": str(pipe.device), "n_prompts": n, "guidance_scale": kw["guidance_scale"],
-            "temperature": kw["temperature"], "tree": asdict(pipe.tree), "methods": rows, "sweep": sweep}
+            "temperature": kw["temperature"], "tree_preset": _preset_name(pipe.tree), "methods": rows, "sweep": sweep}
+
+
+def _preset_name(tree: TreeConfig) -> str:
+    """"auto" (each rule's tree is in its row), or the fixed shape every rule drafted with."""
+    if isinstance(tree, AutoTreeConfig):
+        return "auto"
+    return f"depth {tree.depth}, top_k {tree.top_k}, total_tokens {tree.total_tokens}"
 
 
 def print_image_table(report: dict) -> None:
     lines = [f"mmspec bench: target={report['target']} device={report['device']} prompts={report['n_prompts']} "
              f"guidance={report['guidance_scale']} temperature={report['temperature']}",
-             f"{'setting':<28}{'codes/s':>9}{'speedup':>9}{'vs exact':>9}{'tau':>7}{'faithful':>9}{'clip':>7}{'fid':>8}"]
+             f"{'setting':<28}{'codes/s':>9}{'speedup':>9}{'vs exact':>9}{'tau':>7}{'faithful':>9}{'clip':>7}{'fid':>8}"
+             f"  tree (depth/top_k/total)"]
     rows = list(report["methods"].items()) + [(f"lantern k={r['k']} d={r['delta']}", r) for r in report["sweep"]]
     for name, r in rows:
         q = [r.get(k) for k in ("faithfulness", "clip_score", "fid")]
         qs = "".join(f"{'-':>{w}}" if v is None else f"{v:>{w}.{p}f}" for v, w, p in zip(q, (9, 7, 8), (2, 1, 1)))
+        t = r.get("tree")
+        shape = f"  {t['depth']}/{t['top_k']}/{t['total_tokens']}" if t else ""
         lines.append(f"{name:<28}{r['tokens_per_s']:>9.1f}{r['speedup']:>8.2f}x{r['speedup_over_exact']:>8.2f}x"
-                     f"{r['mean_accepted']:>7.2f}{qs}")
+                     f"{r['mean_accepted']:>7.2f}{qs}{shape}")
     print("\n".join(lines))
 
 

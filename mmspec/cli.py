@@ -156,14 +156,12 @@ def build_parser() -> Parser:
     return parser
 
 
-def _tree(args, device, auto: bool = True) -> "object":
-    """The --tree preset; by default `auto` for text and VLM targets (tuned by mmspec.load), the device's fixed
-    preset for image generators (their rules and CFG rows are not what the tuner measures)."""
+def _tree(args) -> "object":
+    """The --tree preset; by default `auto`: tuned by mmspec.load for text and VLM targets, per acceptance rule on
+    first use for image generators (mmspec.image_autotune)."""
     from .config import TreeConfig
 
-    if args.tree:
-        return TreeConfig.preset(args.tree)
-    return TreeConfig.preset("auto" if auto else "gpu" if str(device).startswith("cuda") else "cpu")
+    return TreeConfig.preset(args.tree or "auto")
 
 
 def _print_tree(pipe) -> None:
@@ -185,7 +183,7 @@ def cmd_caption(args) -> int:
         images = [str(sample_image_path())]
     images = load_images(images)  # read and check every image before spending time on loading models
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load(args.target, args.drafter, device=device, dtype=args.dtype, tree=_tree(args, device),
+    pipe = load(args.target, args.drafter, device=device, dtype=args.dtype, tree=_tree(args),
                 draft_dtype=args.draft_dtype)
     _print_tree(pipe)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -257,7 +255,7 @@ def cmd_generate_image(args) -> int:
         raise InputError(f"target {args.target!r} generates text, not images; generate-image takes an AR image "
                          f"generator (Janus family), e.g. --target mini-gen")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load(args.target, args.drafter, device=device, dtype=args.dtype, tree=_tree(args, device, auto=False),
+    pipe = load(args.target, args.drafter, device=device, dtype=args.dtype, tree=_tree(args),
                 draft_dtype=args.draft_dtype)
     kw = dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               seed=args.seed, acceptance=rule)
@@ -276,7 +274,9 @@ def cmd_generate_image(args) -> int:
     except (OSError, ValueError) as e:
         raise InputError(f"cannot write --out {str(out)!r}: {e}") from None
     s = max((r.stats for r in runs[True]), key=lambda st: st.tokens_per_s)
-    print(f"wrote {out} ({res.image.width}x{res.image.height}, {len(res.token_ids)} codes); rule {rule}")
+    t = pipe.tree_for(rule)
+    print(f"wrote {out} ({res.image.width}x{res.image.height}, {len(res.token_ids)} codes); rule {rule}; "
+          f"[tree] depth {t.depth}, top_k {t.top_k}, total_tokens {t.total_tokens}")
     print(f"speculative {s.tokens_per_s:8.1f} codes/s   tau {s.mean_accepted:.2f}")
     if args.compare:
         ar = max(r.stats.tokens_per_s for r in runs[False])

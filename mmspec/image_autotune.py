@@ -20,7 +20,6 @@ forward, and each shape's expectation is read off those probabilities, for every
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 
 import torch
