@@ -179,6 +179,12 @@ def _warn_unserved(target_config) -> None:
 
 def _check_exportable(drafter: Drafter, drop_vision_adaptor: bool) -> None:
     c = drafter.config
+    if c.modality == "image":
+        raise InputError(
+            "this drafter drafts image codes for an AR image generator (modality 'image': the target's generation "
+            "embeddings and head, CFG rows); vLLM's and SGLang's EAGLE-3 serve text drafters only, so there is no "
+            "layout to export it to"
+        )
     if c.vision_adaptor and not drop_vision_adaptor:
         raise InputError(
             "this drafter has a ViSpec vision adaptor; vLLM/SGLang cannot run the ViSpec adaptor; "

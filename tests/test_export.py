@@ -5,6 +5,7 @@ import json
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForImageTextToText, LlavaForConditionalGeneration
 
+import mmspec
 from mmspec import Drafter
 from mmspec.drafter import default_feature_layers
 from mmspec.errors import InputError
@@ -198,6 +200,11 @@ def test_refusals(tiny_dir, target, tmp_path):
         with pytest.raises(ValueError, match=match):
             export_eagle3(tmp_path / f"d{i}", tmp_path / f"out{i}")
         assert not (tmp_path / f"out{i}").exists()  # nothing half-written
+
+    gen_drafter = Path(mmspec.__file__).parent / "models" / "mini-gen-drafter"
+    with pytest.raises(ValueError, match="drafts image codes"):
+        export_eagle3(gen_drafter, tmp_path / "out_gen")
+    assert not (tmp_path / "out_gen").exists()
 
     _save(model, tmp_path / "ok", target_dir)
     busy = tmp_path / "busy"
