@@ -117,15 +117,15 @@ class _Calibration:
 
 
 def tune_image_trees(pipe, rules: list, source: str | None) -> dict:
-    """{rule: (best TreeConfig, what it was chosen from)} for `pipe`; cached per rule under `source` (None: measure,
-    do not cache). One calibration serves every rule not found in the cache."""
+    """{repr(rule): (best TreeConfig, what it was chosen from)} for `pipe`; cached per rule under `source` (None:
+    measure, do not cache). One calibration serves every rule not found in the cache."""
     path, out = cache_file(), {}
-    keys = {rule: cache_key(pipe, f"{source} | {rule!r} | {CALIBRATION}") if source else None for rule in rules}
+    keys = [cache_key(pipe, f"{source} | {rule!r} | {CALIBRATION}") if source else None for rule in rules]
     cached = _read_cache(path)
-    for rule, key in keys.items():
+    for rule, key in zip(rules, keys):
         if key and (hit := _cached_tree(cached.get(key))) is not None:
-            out[rule] = hit
-    todo = [rule for rule in rules if rule not in out]
+            out[repr(rule)] = hit
+    todo = [(rule, key) for rule, key in zip(rules, keys) if repr(rule) not in out]
     if not todo:
         return out
     t0 = time.perf_counter()
@@ -134,7 +134,7 @@ def tune_image_trees(pipe, rules: list, source: str | None) -> dict:
     cal = calibrate(pipe)
     draft_ms = {k: cal.draft_s[k] * 1e3 / max(cal.draft_forwards, 1) for k in TOP_KS}
     other_ms = measure_other(pipe, prompt)
-    for rule in todo:
+    for rule, key in todo:
         neighbours = pipe.neighbours_for(rule.k) if rule.relaxed else None
         scored = []
         for (k, depth, total), tau in cal.shape_taus(rule, neighbours).items():
@@ -155,9 +155,9 @@ def tune_image_trees(pipe, rules: list, source: str | None) -> dict:
             "measured_s": round(time.perf_counter() - t0, 1),
             "date": time.strftime("%Y-%m-%d"),
         }
-        if keys[rule]:
-            _write_cache(path, keys[rule], entry)
-        out[rule] = (tree, entry)
+        if key:
+            _write_cache(path, key, entry)
+        out[repr(rule)] = (tree, entry)
     return out
 
 

@@ -77,7 +77,7 @@ class ImagePipeline:
                  source: str | None = None) -> None:
         self.target = target
         self.source = source  # where target and drafter came from: the auto tree's cache key (None: not cached)
-        self.tuned: dict = {}  # acceptance rule -> (TreeConfig, tuning record), under TreeConfig.preset("auto")
+        self.tuned: dict = {}  # repr(acceptance rule) -> (TreeConfig, tuning record), under TreeConfig.preset("auto")
         self.processor = processor
         self.adapter = adapter
         self.drafter = drafter
@@ -177,20 +177,20 @@ class ImagePipeline:
         measured on first use, cached on disk)."""
         if not isinstance(self.tree, AutoTreeConfig) or self.drafter is None:
             return self.tree
-        if acceptance not in self.tuned:
+        if repr(acceptance) not in self.tuned:
             self.tune([acceptance])
-        return self.tuned[acceptance][0]
+        return self.tuned[repr(acceptance)][0]
 
     def tune(self, rules: list) -> None:
         """Measure (or read from the cache) the auto tree of several rules with one calibration."""
         from .image_autotune import tune_image_trees
 
-        todo = [r for r in dict.fromkeys(rules) if r not in self.tuned]
+        todo = list({repr(r): r for r in rules if repr(r) not in self.tuned}.values())
         if not todo or not isinstance(self.tree, AutoTreeConfig) or self.drafter is None:
             return
-        for rule, (tree, entry) in tune_image_trees(self, todo, self.source).items():
-            self.tuned[rule] = (tree, entry)
-            logger.info("tree auto for %r: depth %d, top_k %d, total_tokens %d (expected tau %.2f, %.2fx)", rule,
+        for name, (tree, entry) in tune_image_trees(self, todo, self.source).items():
+            self.tuned[name] = (tree, entry)
+            logger.info("tree auto for %s: depth %d, top_k %d, total_tokens %d (expected tau %.2f, %.2fx)", name,
                         tree.depth, tree.top_k, tree.total_tokens, entry.get("expected_tau", 0),
                         entry.get("expected_speedup", 0))
 
