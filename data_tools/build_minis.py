@@ -274,6 +274,7 @@ class GenPlan:
     vq_batch: int = 32
     vq_minutes: float = 35.0  # wall-clock cap; the schedule follows whichever of steps and clock runs out first
     vq_lr: float = 2e-3
+    vq_judge_images: int = 64  # held-out VQ reconstructions the mini-vlm judge checks (0: skip)
     gen_minutes: float = 55.0  # the generator trains to a wall-clock budget; its cosine schedule follows the clock
     gen_max_steps: int = 100_000
     gen_n_train: int = 16_000  # images encoded for the generator: encoding costs ~15 ms an image on 2 busy cores
@@ -292,9 +293,9 @@ class GenPlan:
 
 GEN_PLANS = {
     "mini": GenPlan(),
-    "micro": GenPlan(size="micro", n_train=64, n_heldout=8, vq_steps=4, vq_batch=8, gen_minutes=0.2,
-                     gen_max_steps=6, gen_batch=8, gen_lr=3e-3, export_after_minutes=0.0, n_samples=1, gen_n_train=64,
-                     drafter_prompts=8, drafter_steps=2),
+    "micro": GenPlan(size="micro", n_train=64, n_heldout=8, vq_steps=4, vq_batch=8, vq_judge_images=0,
+                     gen_minutes=0.2, gen_max_steps=6, gen_batch=8, gen_lr=3e-3, export_after_minutes=0.0, n_samples=1,
+                     gen_n_train=64, drafter_prompts=8, drafter_steps=2),
 }
 GEN_HELDOUT_SEED_OFFSET = 1_000_003
 GEN_ASSET_PROMPTS = 64
@@ -304,7 +305,8 @@ def build_gen(work: Path, out: Path, plan: GenPlan, assets: Path | None = None, 
               stop_after: str | None = None) -> dict:
     """Build mini-gen into out/mini-gen; every stage is skipped when its output exists in ``work``."""
     from .gen_world import make_gen_dataset
-    from .train_gen import (export_gen, finish_gen_export, train_gen_tokenizer, run_vq_stage, train_generator)
+    from .train_gen import (export_gen, finish_gen_export, judge_vq_stage, run_vq_stage, train_gen_tokenizer,
+                            train_generator)
 
     work.mkdir(parents=True, exist_ok=True)
     info: dict = {"plan": plan.__dict__, "stages_s": {}}
@@ -325,6 +327,7 @@ def build_gen(work: Path, out: Path, plan: GenPlan, assets: Path | None = None, 
         timed("gen-tokenizer", lambda: train_gen_tokenizer(prompts, tok))
     if _stage("gen-vq", vq / "vq.pt"):
         timed("gen-vq", lambda: run_vq_stage(plan, data, tok, vq))
+    judge_vq_stage(plan, data, tok, vq)
     if stop_after == "vq":
         return info
     out_dir = out / "mini-gen"

@@ -154,6 +154,27 @@ def run_vq_stage(plan, data: Path, tok_dir: Path, out_dir: Path) -> dict:
                     minutes=plan.vq_minutes)
 
 
+def judge_vq_stage(plan, data: Path, tok_dir: Path, vq_dir: Path) -> dict:
+    """Add the judge's verdicts on held-out VQ reconstructions to vq_dir/vq_metrics.json (the generator's ceiling),
+    once; a build reads them before it spends an hour on the generator."""
+    from transformers import AutoTokenizer
+
+    from .train_vq import judge_reconstructions, load_images
+
+    path = vq_dir / "vq_metrics.json"
+    metrics = json.loads(path.read_text())
+    if "judge" in metrics or plan.vq_judge_images <= 0:
+        return metrics
+    vqmodel = build_gen_model(AutoTokenizer.from_pretrained(str(tok_dir)), plan.size, plan.seed).model.vqmodel
+    vqmodel.load_state_dict(torch.load(vq_dir / "vq.pt"))
+    held_out, _ = load_images(data / "heldout.jsonl", data / "heldout_images.pt")
+    scenes = [r["scene"] for r in _load_records(data / "heldout.jsonl", plan.vq_judge_images)]
+    metrics["judge"] = judge_reconstructions(vqmodel.eval(), held_out, scenes, plan.vq_judge_images)
+    logger.info("judge on held-out VQ reconstructions: %s", metrics["judge"])
+    path.write_text(json.dumps(metrics, indent=1) + "\n")
+    return metrics
+
+
 def _load_records(jsonl: Path, limit: int | None = None) -> list[dict]:
     with open(jsonl, encoding="utf-8") as f:
         lines = [line for line in f if line.strip()][:limit]

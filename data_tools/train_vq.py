@@ -215,3 +215,24 @@ def train_vq(vqmodel, images: torch.Tensor, masks: torch.Tensor, held_out: torch
     torch.save(vqmodel.state_dict(), out_dir / "vq.pt")
     (out_dir / "vq_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return metrics
+
+
+def judge_reconstructions(vqmodel, images: torch.Tensor, scenes: list[dict], n: int = 64) -> dict:
+    """The mini-vlm judge's verdicts (mmspec.quality, full=True) on the first n held-out images and on their VQ
+    reconstructions: the reconstructions' faithfulness is the most a generator over these codes can reach."""
+    from mmspec import quality
+
+    from .gen_world import expected_answers
+
+    expected = [expected_answers(Scene.from_dict(s)) for s in scenes[:n]]
+    with torch.no_grad():
+        x = to_pixels(images[:n])
+        rec = ((vqmodel.decode(encode_codes(vqmodel, x)).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    out = {}
+    for name, batch in (("rendered", images[:n]), ("reconstructed", rec)):
+        pil = [Image.fromarray(b.permute(1, 2, 0).contiguous().numpy()) for b in batch]
+        verdicts = quality.judge_images(pil, expected, full=True)
+        out[name] = {k: round(sum(bool(v[k]) for v in verdicts) / len(verdicts), 3)
+                     for k in ("faithful", "count_ok", "colours_ok", "absent_ok")}
+    return {"n": len(expected), **out}
+
