@@ -275,7 +275,7 @@ class GenPlan:
     vq_minutes: float = 35.0  # wall-clock cap; the schedule follows whichever of steps and clock runs out first
     vq_lr: float = 2e-3
     vq_judge_images: int = 64  # held-out VQ reconstructions the mini-vlm judge checks (0: skip)
-    gen_minutes: float = 55.0  # the generator trains to a wall-clock budget; its cosine schedule follows the clock
+    gen_minutes: float = 65.0  # the generator trains to a wall-clock budget; its cosine schedule follows the clock
     gen_max_steps: int = 100_000
     gen_n_train: int = 16_000  # images encoded for the generator: encoding costs ~15 ms an image on 2 busy cores
     gen_batch: int = 32  # ~0.25 s a step with bf16 autocast on 2 free cores (AMX); 2.5-8 s on a busy AVX2 CPU
@@ -284,7 +284,8 @@ class GenPlan:
     # stochastic re-quantisation of the training codes (train_gen.swap_codes): the code-level ambiguity LANTERN needs
     code_swap_p: float = 0.8
     code_swap_k: int = 8
-    n_samples: int = 16  # images in docs/mini-gen-samples.png and in the top-1 probability measurement
+    n_samples: int = 16  # images in docs/mini-gen-samples.png
+    judge_prompts: int = 64  # held-out prompts generated for the top-1 probability and judged for faithfulness
     drafter_prompts: int = 2_000  # prompt lines mini-gen-drafter trains on (mini-gen draws each image once: cached)
     drafter_steps: int = 2_000
     drafter_rows: int = DRAFTER_ROWS
@@ -294,8 +295,8 @@ class GenPlan:
 GEN_PLANS = {
     "mini": GenPlan(),
     "micro": GenPlan(size="micro", n_train=64, n_heldout=8, vq_steps=4, vq_batch=8, vq_judge_images=0,
-                     gen_minutes=0.2, gen_max_steps=6, gen_batch=8, gen_lr=3e-3, export_after_minutes=0.0, n_samples=1,
-                     gen_n_train=64, drafter_prompts=8, drafter_steps=2),
+                     judge_prompts=0, gen_minutes=0.2, gen_max_steps=6, gen_batch=8, gen_lr=3e-3,
+                     export_after_minutes=0.0, n_samples=1, gen_n_train=64, drafter_prompts=8, drafter_steps=2),
 }
 GEN_HELDOUT_SEED_OFFSET = 1_000_003
 GEN_ASSET_PROMPTS = 64
@@ -340,7 +341,7 @@ def build_gen(work: Path, out: Path, plan: GenPlan, assets: Path | None = None, 
     info["generator"] = json.loads((gen / "done.json").read_text())
     info["vq"] = json.loads((vq / "vq_metrics.json").read_text())
     info["verify"] = finish_gen_export(gen, tok, out_dir, data / "heldout.jsonl", plan.n_samples, samples_png,
-                                       {**info})
+                                       {**info}, plan.judge_prompts)
     if _stage("gen-drafter", work / "drafter" / "model.safetensors"):
         timed("gen-drafter", lambda: _gen_drafter(plan, work, data, out_dir))
     _half_copy_drafter(work / "drafter", out / "mini-gen-drafter", "mini-gen")

@@ -457,13 +457,15 @@ def sample_grid(images: list, prompts: list[str], path: Path, scale: int = 4) ->
 
 
 @torch.no_grad()
-def verify_gen(model_dir: Path, heldout_jsonl: Path, n: int, samples_png: Path | None, seed: int = 0) -> dict:
-    """Reload the export, generate n held-out prompts with Janus's own generate (CFG 5, T=1), measure the target's
-    mean top-1 probability on those codes and save a sample grid."""
+def verify_gen(model_dir: Path, heldout_jsonl: Path, n: int, samples_png: Path | None, seed: int = 0,
+               judge_n: int = 0) -> dict:
+    """Reload the export, generate max(n, judge_n) held-out prompts with Janus's own generate (CFG 5, T=1), measure
+    the target's mean top-1 probability on those codes, save a grid of the first n, and have the mini-vlm judge
+    the first judge_n (faithfulness, mmspec.quality)."""
     model, processor = load_mini_gen(model_dir)
     tokenizer = processor.tokenizer
     pad, keep = tokenizer.pad_token_id, {tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids(BOI)}
-    records = _load_records(heldout_jsonl, n)
+    records = _load_records(heldout_jsonl, max(n, judge_n))
     torch.manual_seed(seed)  # generate samples with torch's global generator
     all_codes, top1 = [], []
     for r in records:
@@ -477,21 +479,31 @@ def verify_gen(model_dir: Path, heldout_jsonl: Path, n: int, samples_png: Path |
     images = to_pil(model, processor, codes)
     if samples_png is not None:
         samples_png.parent.mkdir(parents=True, exist_ok=True)
-        sample_grid(images, [r["prompt"] for r in records], samples_png)
+        sample_grid(images[:n], [r["prompt"] for r in records[:n]], samples_png)
     result = {"n": len(records), "codes_shape": list(codes.shape), "image_size": list(images[0].size),
               "mean_top1_prob_cfg5_t1": round(torch.stack(top1).mean().item(), 4),
               "distinct_codes": int(codes.unique().numel())}
+    if judge_n > 0:
+        from mmspec import quality
+
+        from .gen_world import expected_answers
+        from .shapes_world import Scene
+
+        expected = [expected_answers(Scene.from_dict(r["scene"])) for r in records[:judge_n]]
+        verdicts = quality.judge_images(images[:judge_n], expected, full=True)
+        result["judge_cfg5_t1"] = {"n": judge_n, **{k: round(sum(bool(v[k]) for v in verdicts) / judge_n, 3)
+                                                   for k in ("faithful", "count_ok", "colours_ok", "absent_ok")}}
     logger.info("verified %s: %s", model_dir, result)
     return result
 
 
 def finish_gen_export(gen_dir: Path, tok_dir: Path, out_dir: Path, heldout_jsonl: Path, n_samples: int,
-                      samples_png: Path | None, info: dict) -> dict:
+                      samples_png: Path | None, info: dict, judge_n: int = 0) -> dict:
     """Verify the final export and record the result in its build_info.json (kept in gen_dir/verify.json)."""
     done = gen_dir / "verify.json"
     if done.exists() and (out_dir / "build_info.json").exists():
         return json.loads(done.read_text())
-    result = verify_gen(out_dir, heldout_jsonl, n_samples, samples_png or gen_dir / "samples.png")
+    result = verify_gen(out_dir, heldout_jsonl, n_samples, samples_png or gen_dir / "samples.png", judge_n=judge_n)
     done.write_text(json.dumps(result, indent=1) + "\n")
     recorded = json.loads((out_dir / "build_info.json").read_text())
     recorded.update({**info, "verify": result})
