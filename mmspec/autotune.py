@@ -85,7 +85,10 @@ def _write_cache(path: Path, key: str, entry: dict) -> None:
 
 
 def _cached_tree(entry) -> tuple[TreeConfig, dict] | None:
-    """A cache entry as (tree, entry), or None when it is missing or not one this version wrote (measure again)."""
+    """A cache entry as (tree, entry), or None when it is missing, not one this version wrote, or MMSPEC_RETUNE=1 asks
+    for a fresh measurement (a shape tuned while the machine was busy; the new one replaces it)."""
+    if os.environ.get("MMSPEC_RETUNE", "") not in ("", "0"):
+        return None
     try:
         return TreeConfig(**{k: entry["tree"][k] for k in ("depth", "top_k", "total_tokens")}), entry
     except (TypeError, KeyError, InputError):

@@ -93,3 +93,10 @@ def test_simulate_tau_walks_the_reranked_tree():
     # depth 1: a accepted, then from position 2 (root c) the pool offers a, b: no match for 99 -> 1 token
     assert autotune.simulate_tau(pools, g, 2, 1, 3) == 1.5
     assert autotune.simulate_tau(pools, g, 2, 2, 2) == 1.5
+
+
+def test_retune_env_measures_again(monkeypatch):
+    entry = {"tree": {"depth": 2, "top_k": 2, "total_tokens": 3}}
+    assert autotune._cached_tree(entry)[0] == TreeConfig(depth=2, top_k=2, total_tokens=3)
+    monkeypatch.setenv("MMSPEC_RETUNE", "1")
+    assert autotune._cached_tree(entry) is None  # a cached shape is ignored: measured again, then overwritten
