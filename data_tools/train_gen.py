@@ -275,10 +275,12 @@ def train_generator(plan, data: Path, tok_dir: Path, vq_dir: Path, out_dir: Path
     out_dir/final.pt holds the final state dict and out_dir/done.json the training record."""
     import time
 
-    from .train_vq import native_bf16, pick_threads
+    from mmspec.pipeline import cpu_native_bf16
+
+    from .train_vq import pick_threads
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    threads, bf16 = pick_threads(0), native_bf16()  # bf16 autocast (fp32 weights) where the CPU has it natively
+    threads, bf16 = pick_threads(0), cpu_native_bf16()  # bf16 autocast (fp32 weights) where the CPU has it natively
     tokenizer, model, ids, codes = _prepare_generator(plan, data, tok_dir, vq_dir, out_dir)
     pad, keep = tokenizer.pad_token_id, {tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids(BOI)}
     params = _trainable(model)

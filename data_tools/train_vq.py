@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from mmspec.pipeline import cpu_native_bf16
+
 from .gen_world import IMAGE_PX, object_mask_32
 from .shapes_world import Scene
 
@@ -70,11 +72,6 @@ def pick_threads(current: int) -> int:
         torch.set_num_threads(threads)
         logger.info("using %d torch thread(s) (load from other processes ~%.1f)", threads, others)
     return threads
-
-
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 / AMX): autocast pays off only there."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def to_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -174,7 +171,7 @@ def train_vq(vqmodel, images: torch.Tensor, masks: torch.Tensor, held_out: torch
     usage = torch.zeros(vqmodel.config.num_embeddings)
     recent: list[torch.Tensor] = []
     t0, losses, restarts, threads = time.perf_counter(), [], 0, pick_threads(0)
-    bf16 = native_bf16() if bf16 is None else bf16
+    bf16 = cpu_native_bf16() if bf16 is None else bf16
     for step in tqdm(range(steps), desc="vq", unit="step", disable=None):
         progress = max(step / steps, (time.perf_counter() - t0) / (minutes * 60))
         if progress >= 1:
@@ -188,7 +185,7 @@ def train_vq(vqmodel, images: torch.Tensor, masks: torch.Tensor, held_out: torch
         x, m = to_pixels(images[idx]), masks[idx].float().unsqueeze(1)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             recon, vq_loss, z, codes = _forward(vqmodel, x)
-        recon, z = recon.float(), z.float()
+        recon = recon.float()  # the decoder ran in bf16; z and the codebook terms are fp32 already (_forward)
         weight = 1.0 + OBJECT_WEIGHT * m
         rec_loss = (weight * ((recon - x).pow(2) + (recon - x).abs())).mean() / weight.mean()
         loss = rec_loss + vq_loss
@@ -207,7 +204,8 @@ def train_vq(vqmodel, images: torch.Tensor, masks: torch.Tensor, held_out: torch
             logger.info("vq step %d/%d rec %.4f vq %.4f lr %.2e (%.0f s)", step + 1, steps, rec_avg,
                         losses[-1][1], lr_now, time.perf_counter() - t0)
     vqmodel.eval()
-    metrics = {"steps": len(losses), "batch_size": batch_size, "bf16_autocast": bf16, "minutes": round((time.perf_counter() - t0) / 60, 1),
+    metrics = {"steps": len(losses), "batch_size": batch_size, "bf16_autocast": bf16,
+               "minutes": round((time.perf_counter() - t0) / 60, 1),
                "final_rec_loss": round(sum(r for r, _ in losses[-50:]) / len(losses[-50:]), 4),
                "codes_restarted": restarts, **evaluate_vq(vqmodel, held_out)}
     logger.info("vq done: %s", metrics)

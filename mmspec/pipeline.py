@@ -120,6 +120,11 @@ def _as_dtype(value: torch.dtype | str | None, what: str) -> torch.dtype | None:
     return getattr(torch, name)
 
 
+def cpu_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); elsewhere bf16 math is emulated and slow."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def default_draft_dtype(target_dtype: torch.dtype, device: torch.device, hidden_size: int = 0,
                         intermediate_size: int = 0) -> torch.dtype:
     """The drafter runs in the target's dtype, except beside an fp32 target on a CPU that multiplies bfloat16 natively
@@ -130,7 +135,7 @@ def default_draft_dtype(target_dtype: torch.dtype, device: torch.device, hidden_
     bf16 won at 384 wide. The target's verify keeps the output exact either way; only acceptance can move."""
     if device.type != "cpu" or target_dtype != torch.float32:
         return target_dtype
-    if not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+    if not cpu_native_bf16():
         return torch.float32
     return _faster_matmul_dtype(hidden_size, intermediate_size) if hidden_size else torch.bfloat16
 
