@@ -176,6 +176,7 @@ class EagleProposer:
         committed = self.kv.length
         logp = torch.log_softmax(self._combine(d.logits(hidden[:, -1]).float()), dim=-1)  # [V]
         scores, beam_tokens = logp.topk(k)  # [k]
+        beam_tokens = d.target_ids(beam_tokens)  # a reduced draft vocabulary's ids -> the target's (no-op otherwise)
         cand_tokens, cand_parents, cand_scores = [beam_tokens], [torch.full((k,), -1, device=dev)], [scores]
         beam_feats = hidden[:, -1:].expand(b, k, -1)  # fed with each beam token: its parent's predicted feature
         beam_index = torch.arange(k, device=dev)  # each beam node's index among the candidates
@@ -194,6 +195,7 @@ class EagleProposer:
             self.forwards += 1
             logp = torch.log_softmax(self._combine(d.logits(hidden).float()), dim=-1)  # [k, V]
             top_lp, top_tok = logp.topk(k, dim=-1)  # [k, k]
+            top_tok = d.target_ids(top_tok)
             cum = (scores[:, None] + top_lp).flatten()
             cand_tokens.append(top_tok.flatten())
             cand_parents.append(beam_index.repeat_interleave(k))
