@@ -7,13 +7,10 @@ The layer's attention reads [norm(embedding) | norm(feature)] (2H wide q/k/v); t
 output is a predicted next feature: fed back as the feature for the next draft depth, and through `norm` + the target's
 LM head it gives the draft logits.
 
-Published checkpoints (mmspec.external_drafters) add three variations, each a config field:
-- layer="eagle2": EAGLE-1/2's layer instead: `embed_fc` projects [embedding | feature] (2H -> H, optional bias) into
-  the residual stream of a plain Llama layer without an input norm, and the head reads the output without a norm.
-- draft_vocab_size: the drafter's own LM head over a reduced draft vocabulary, with its token map `d2t`
-  (mmspec.draft_vocab); drafted ids are mapped to target ids (`target_ids`) before the target sees them.
-- own_embedding / target_hidden_size / fc_norm: the drafter's own token embedding, target features of another width
-  than the drafter's, and SpecForge's per-layer norms before `fc`.
+Published checkpoints (mmspec.external_drafters) add config fields: layer="eagle2" (EAGLE-1/2: `embed_fc` projects
+[embedding | feature] into a plain layer's residual stream, no norms on its inputs or before the head);
+draft_vocab_size (an own LM head over a reduced draft vocabulary, token map `d2t`, mmspec.draft_vocab); an own
+embedding, target features of another width, SpecForge's fc_norm.
 """
 
 from __future__ import annotations
@@ -30,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .adapters import adapter_for, generates_images
+from .draft_kv import DraftKV  # noqa: F401 - re-exported: the proposer and tests import it from here
 from .errors import InputError, MissingInputError
 from .vision import VisionAdaptor
 
@@ -94,14 +92,12 @@ class DrafterConfig:
         if self.layer not in LAYERS:
             raise InputError(f"layer must be one of {LAYERS}, got {self.layer!r}")
         if self.layer == "eagle2" and (self.fusion != "last" or self.vision_adaptor or self.modality != "text"):
-            raise InputError("an eagle2 layer reads the target's last hidden state of text tokens: fusion='last', "
-                             "no vision adaptor")
+            raise InputError("an eagle2 layer drafts text from the last hidden state: fusion='last', no vision adaptor")
         if self.draft_vocab_size is not None and not 1 <= self.draft_vocab_size <= self.vocab_size:
             raise InputError(f"draft_vocab_size must be 1..{self.vocab_size}, got {self.draft_vocab_size}")
         wide = self.target_hidden_size not in (None, self.hidden_size)
         if wide and (self.fusion != "multi_layer" or not self.own_embedding or self.draft_vocab_size is None):
-            raise InputError(f"target features {self.target_hidden_size} wide into a {self.hidden_size}-wide drafter "
-                             f"need fc (multi_layer), and the drafter's own embedding and LM head")
+            raise InputError("target features of another width need fc (multi_layer), an own embedding and LM head")
         if self.fc_norm and self.fusion != "multi_layer":
             raise InputError("fc_norm normalises the features fc fuses; it needs fusion='multi_layer'")
 
@@ -152,33 +148,6 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
         raise InputError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
 
 
-class DraftKV:
-    """The drafter's own KV cache: preallocated buffers that grow by doubling, cropped back after every draft."""
-
-    def __init__(self) -> None:
-        self.k: Tensor | None = None  # [B, kv_heads, capacity, head_dim]
-        self.v: Tensor | None = None
-        self.length = 0
-
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        n = k.shape[2]
-        if self.k is None or self.length + n > self.k.shape[2]:
-            cap = max(256, 2 * (self.length + n))
-            new_k = k.new_zeros(k.shape[0], k.shape[1], cap, k.shape[3])
-            new_v = torch.zeros_like(new_k)
-            if self.k is not None:
-                new_k[:, :, : self.length] = self.k[:, :, : self.length]
-                new_v[:, :, : self.length] = self.v[:, :, : self.length]
-            self.k, self.v = new_k, new_v
-        self.k[:, :, self.length : self.length + n] = k
-        self.v[:, :, self.length : self.length + n] = v
-        self.length += n
-        return self.k[:, :, : self.length], self.v[:, :, : self.length]
-
-    def crop(self, length: int) -> None:
-        self.length = min(self.length, length)
-
-
 class Drafter(nn.Module):
     def __init__(self, config: DrafterConfig) -> None:
         super().__init__()
@@ -203,9 +172,8 @@ class Drafter(nn.Module):
         self.fc_norm = nn.ModuleList(nn.RMSNorm(th, eps=c.rms_norm_eps) for _ in range(n_feat)) if c.fc_norm else None
         self.draft_embed = nn.Embedding(c.vocab_size, h) if c.own_embedding else None
         self.draft_head = nn.Linear(h, c.draft_vocab_size, bias=False) if c.draft_vocab_size is not None else None
-        # [draft_vocab_size] int64: target id = draft id + d2t[draft id]; None for the full vocabulary
-        vocab_map = None if c.draft_vocab_size is None else torch.zeros(c.draft_vocab_size, dtype=torch.long)
-        self.register_buffer("d2t", vocab_map)
+        # d2t [draft_vocab_size] int64: target id = draft id + d2t[draft id]; None for the full vocabulary
+        self.register_buffer("d2t", None if c.draft_vocab_size is None else torch.zeros(c.draft_vocab_size).long())
         self.vision: VisionAdaptor | None = None
         self.inject: nn.Linear | None = None
         if c.vision_adaptor:
@@ -290,23 +258,22 @@ class Drafter(nn.Module):
 
     @torch.no_grad()
     def set_draft_vocab(self, ids: Tensor, target_head: Tensor | None = None) -> None:
-        """Install the token map of [N] ascending target ids; with the target's LM head weight [V, H], start the
-        drafter's head from those rows (so it begins as the target's head restricted to the draft vocabulary)."""
+        """Install the token map of [N] ascending target ids; with the target's LM head [V, H], start from its rows."""
         from .draft_vocab import offsets
 
         if self.d2t is None or ids.numel() != self.d2t.numel():
-            raise InputError(f"this drafter's draft vocabulary holds {self.config.draft_vocab_size} tokens, got {ids.numel()}")
+            raise InputError(f"the draft vocabulary holds {self.config.draft_vocab_size} tokens, got {ids.numel()}")
         self.d2t.copy_(offsets(ids.cpu()).to(self.d2t.device))
         if target_head is not None:
             self.draft_head.weight.copy_(target_head[ids.to(target_head.device)].to(self.draft_head.weight))
 
     @property
     def draft_token_ids(self) -> Tensor | None:
-        """[N] the target id of each draft id, or None when the drafter predicts the whole target vocabulary."""
+        """[N] the target id of each draft id; None for the whole target vocabulary."""
         return None if self.d2t is None else torch.arange(self.d2t.numel(), device=self.d2t.device) + self.d2t
 
     def target_ids(self, draft_ids: Tensor) -> Tensor:
-        """Draft-vocabulary ids (any shape) -> the target's ids, which is what the tree and the target see."""
+        """Draft-vocabulary ids (any shape) -> the target's ids, what the tree and the target see."""
         return draft_ids if self.d2t is None else draft_ids + self.d2t[draft_ids]
 
     def bind(self, target: nn.Module) -> "Drafter":
@@ -363,7 +330,7 @@ class Drafter(nn.Module):
             raise MissingInputError(f"drafter directory {str(path)!r} does not exist")
         cfg_file, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
         if not cfg_file.is_file() and (path / "config.json").is_file():
-            raise InputError(f"{str(path)!r} is a published checkpoint, not a Drafter.save_pretrained directory: load it "
+            raise InputError(f"{str(path)!r} is a published checkpoint, not Drafter.save_pretrained's layout: load it "
                              f"with mmspec.load(target, drafter=DIR), or convert it once with `mmspec convert-drafter`")
         if not weights.is_file():
             pickles = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
@@ -416,7 +383,7 @@ class Drafter(nn.Module):
         """The feature layers already picked out (in `feature_layers` order), each [..., H] -> [..., H]."""
         if self.fc is None:
             return feats[0].to(self.q_proj.weight.dtype)
-        if self.fc_norm is not None:
+        if self.fc_norm is not None:  # SpecForge's fc_norm
             feats = [norm(f.to(self.fc.weight.dtype)) for norm, f in zip(self.fc_norm, feats)]
         return self.fc(torch.cat(feats, dim=-1).to(self.fc.weight.dtype))
 
@@ -507,8 +474,7 @@ class Drafter(nn.Module):
         return self.finish(residual, self.attend(q, k, v, mask))
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """[..., H] predicted features -> [..., V] draft logits through the target's LM head, or [..., N] over the
-        draft vocabulary through the drafter's own (map the winners with `target_ids`)."""
+        """[..., H] predicted features -> [..., V] draft logits (or [..., N] over a draft vocabulary: see target_ids)."""
         head = self.lm_head
         hidden = hidden if self.norm is None else self.norm(hidden)
         return head(hidden.to(next(head.parameters()).dtype))
