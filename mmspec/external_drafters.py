@@ -228,10 +228,11 @@ def _eagle3(where: str, config: dict, tensors: dict[str, Tensor], target_config)
     if eagle.get("use_aux_hidden_state") is False or config.get("bias"):
         raise InputError(f"{where}: an EAGLE-3 head without aux hidden states or with an fc bias is not supported")
     layers = aux_feature_layers(where, config, target_config)
-    state = {ours: tensors.pop(prefix + theirs.removeprefix("midlayer.")) for ours, theirs in EAGLE3_KEYS.items()
-             if theirs.startswith("midlayer.") and prefix + theirs.removeprefix("midlayer.") in tensors}
-    state.update({ours: tensors.pop(k) for ours, k in (("norm.weight", "norm.weight"), ("fc.weight", "fc.weight"))
-                  if k in tensors})
+    state = {ours: _pop(where, tensors, theirs.replace("midlayer.", prefix)) for ours, theirs in EAGLE3_KEYS.items()}
+    state["fc.weight"] = _pop(where, tensors, "fc.weight")
+    head_norm = bool(config.get("norm_output", True))
+    if not head_norm:  # SpecForge keeps the norm module, its logits skip it (and so must ours)
+        state.pop("norm.weight")
     fc_norm = bool(config.get("fc_norm", False))
     for j in range(3 if fc_norm else 0):
         state[f"fc_norm.{j}.weight"] = _pop(where, tensors, f"fc_norm.{j}.weight")
@@ -257,7 +258,7 @@ def _eagle3(where: str, config: dict, tensors: dict[str, Tensor], target_config)
     th = int(config.get("target_hidden_size") or fields["hidden_size"])
     dc = _drafter_config(where, fields, fusion="multi_layer", feature_layers=layers, draft_vocab_size=draft_vocab,
                          own_embedding=embed is not None, target_hidden_size=th if th != fields["hidden_size"] else None,
-                         head_norm=bool(config.get("norm_output", True)), fc_norm=fc_norm)
+                         head_norm=head_norm, fc_norm=fc_norm)
     _check_fits(where, dc, target_config)
     return dc, state
 

@@ -78,6 +78,8 @@ def write_specforge(path, target_dir, draft_ids, aux_ids=(0, 1, 2), seed=0, **co
          m + "post_attention_layernorm.weight": gain(h), m + "mlp.gate_proj.weight": w(INTER, h),
          m + "mlp.up_proj.weight": w(INTER, h), m + "mlp.down_proj.weight": w(h, INTER), "norm.weight": gain(h),
          "fc.weight": w(h, 3 * h), "lm_head.weight": 4 * w(n, h), "embed_tokens.weight": w(v, h) * h**0.5}
+    if config_overrides.get("fc_norm"):
+        t.update({f"fc_norm.{j}.weight": gain(h) for j in range(3)})
     t = {k: x.to(torch.bfloat16).contiguous() for k, x in t.items()}
     ids = torch.tensor(sorted(draft_ids))
     t["d2t"] = ids - torch.arange(n)
@@ -140,14 +142,16 @@ def _states(target, n=9, seed=3):
     return states, torch.randint(0, tc.vocab_size, (1, n), generator=g), torch.arange(5, 5 + n)[None]
 
 
-def test_specforge_eagle3_computes_the_engines_layer(deep, tmp_path):
+@pytest.mark.parametrize("specforge_flags", [{}, {"fc_norm": True, "norm_output": False}])
+def test_specforge_eagle3_computes_the_engines_layer(deep, tmp_path, specforge_flags):
     """The loaded drafter equals the engines' EAGLE-3 forward over the checkpoint: its own embedding, fc over the aux
     states SGLang captures for eagle_config ids [0, 1, 2] (the outputs of layers 0..2 = hidden_states 1..3), the draft
-    head, and d2t mapping draft ids to target ids."""
+    head, and d2t mapping draft ids to target ids; with SpecForge's fc_norm (an RMSNorm per aux state before fc) and
+    norm_output=false (logits from the un-normed output)."""
     target_dir = deep("llava")
     model = AutoModelForImageTextToText.from_pretrained(target_dir).eval()
     draft_ids = list(range(40, 200, 3))
-    ck = write_specforge(tmp_path / "ck", target_dir, draft_ids)
+    ck = write_specforge(tmp_path / "ck", target_dir, draft_ids, **specforge_flags)
     d = from_checkpoint(ck, model.config).bind(model).eval()
     assert d.config.feature_layers == (1, 2, 3) and d.config.draft_vocab_size == len(draft_ids)
     t = {k: v.double() for k, v in load_file(str(ck / "model.safetensors")).items() if v.is_floating_point()}
@@ -156,8 +160,14 @@ def test_specforge_eagle3_computes_the_engines_layer(deep, tmp_path):
     with torch.no_grad():
         ours = d(tokens, d.fuse(states), positions, None, None)
         logits = d.logits(ours)[0]
-        aux = torch.cat([states[i + 1][0] for i in cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"]], -1)
-        theirs, their_logits = _eagle3_forward(t, cfg, t["embed_tokens.weight"][tokens[0]], aux.double(), positions[0])
+        aux = [states[i + 1][0].double() for i in cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"]]
+        if specforge_flags:
+            aux = [a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + 1e-6) * t[f"fc_norm.{j}.weight"]
+                   for j, a in enumerate(aux)]
+        theirs, their_logits = _eagle3_forward(t, cfg, t["embed_tokens.weight"][tokens[0]], torch.cat(aux, -1),
+                                               positions[0])
+        if specforge_flags:
+            their_logits = theirs @ t["lm_head.weight"].T
     torch.testing.assert_close(ours[0], theirs.float(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits, their_logits.float(), rtol=1e-4, atol=1e-4)
     assert d.target_ids(logits.argmax(-1)).tolist() == [draft_ids[i] for i in their_logits.argmax(-1).tolist()]
