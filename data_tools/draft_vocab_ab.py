@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import time
 from dataclasses import replace
 
@@ -22,7 +23,7 @@ import mmspec
 from mmspec.bench import held_out_prompts
 from mmspec.config import TreeConfig
 from mmspec.draft_vocab import most_frequent
-from mmspec.drafter import Drafter
+from mmspec.drafter import DraftKV, Drafter
 
 logger = logging.getLogger(__name__)
 COUNT_SEED = 4242  # prompts for counting tokens: neither the bench's held-out seed nor the build's small seeds
@@ -36,16 +37,37 @@ def reduced(base: Drafter, target, ids: torch.Tensor) -> Drafter:
     return d.bind(target).to(base.q_proj.weight.dtype).eval()
 
 
-def head_us(d: Drafter, rows: int = 8, reps: int = 3000) -> float:
-    """Median microseconds of the draft head alone (norm + LM head) on `rows` beam rows."""
-    x = torch.randn(rows, d.config.hidden_size, dtype=d.q_proj.weight.dtype)
-    times = []
-    with torch.no_grad():
-        for _ in range(reps):
-            t = time.perf_counter()
-            d.logits(x)
-            times.append(time.perf_counter() - t)
-    return 1e6 * sorted(times)[len(times) // 2]
+@torch.no_grad()
+def depth_us(drafters: dict[str, Drafter], k: int = 4, past: int = 300, reps: int = 1500) -> dict[str, dict]:
+    """Median microseconds of one draft depth as EagleProposer.grow runs it (k beam rows over a `past`-long drafter
+    cache: layer forward, head, log-softmax, top-k, id map) and of the head alone, the drafters alternating rep by
+    rep so a shared machine's bursts fall on all of them alike."""
+    g = torch.Generator().manual_seed(0)
+    any_d = next(iter(drafters.values()))
+    h, dtype = any_d.config.hidden_size, any_d.q_proj.weight.dtype
+    tok = torch.randint(0, any_d.config.vocab_size, (1, k), generator=g)
+    feat = torch.randn(1, k, h, generator=g).to(dtype)
+    pos = torch.full((1, k), past + 1)
+    mask = torch.ones(1, k, past + k, dtype=torch.bool)
+    caches = {}
+    for name, d in drafters.items():  # each its own cache of `past` positions
+        caches[name] = kv = DraftKV()
+        d(torch.randint(0, d.config.vocab_size, (1, past), generator=g), torch.randn(1, past, h, generator=g).to(dtype),
+          torch.arange(past)[None], None, kv)
+    times = {name: ([], []) for name in drafters}
+    for _ in range(reps):
+        for name, d in drafters.items():
+            t0 = time.perf_counter()
+            hidden = d(tok, feat, pos, mask, caches[name])
+            caches[name].crop(past)
+            t1 = time.perf_counter()
+            lp, top = torch.log_softmax(d.logits(hidden).float(), dim=-1).topk(k, dim=-1)
+            d.target_ids(top)
+            t2 = time.perf_counter()
+            times[name][0].append(t2 - t0)
+            times[name][1].append(t2 - t1)
+    return {name: {"depth_us": 1e6 * statistics.median(a), "head_us": 1e6 * statistics.median(b)}
+            for name, (a, b) in times.items()}
 
 
 def run(vocabs: list[int], n_prompts: int, n_count: int, max_new_tokens: int, rounds: int) -> dict:
@@ -63,23 +85,23 @@ def run(vocabs: list[int], n_prompts: int, n_count: int, max_new_tokens: int, ro
         drafters[f"draft vocab {n}"] = reduced(base, target, ids)
         coverage[n] = float(counts[ids].sum()) / float(counts.sum())
     prompts = held_out_prompts(n_prompts)
-    totals = {name: [0, 0, 0.0] for name in drafters}  # new tokens, target forwards, draft seconds
+    tokens = {name: [0, 0] for name in drafters}  # new tokens, target forwards
+    step_ms = {name: [] for name in drafters}  # one figure per run: a shared machine's bursts hit single runs
     for r in range(rounds):
         for k, (prompt, images) in enumerate(prompts):
             order = list(drafters) if (r + k) % 2 == 0 else list(drafters)[::-1]  # alternate: the machine drifts
             for name in order:
                 pipe.drafter = drafters[name]
                 s = pipe.generate(prompt, images, max_new_tokens=max_new_tokens).stats
-                t = totals[name]
-                t[0], t[1], t[2] = t[0] + s.new_tokens, t[1] + s.target_forwards, t[2] + s.draft_s
-    rows = {}
-    for name, (tokens, forwards, draft_s) in totals.items():
-        steps = forwards - rounds * len(prompts)  # the prefill forward drafts nothing
-        rows[name] = {"tau": tokens / forwards, "draft_ms_per_step": 1e3 * draft_s / steps,
-                      "head_us_8_rows": head_us(drafters[name])}
+                tokens[name][0] += s.new_tokens
+                tokens[name][1] += s.target_forwards
+                step_ms[name].append(1e3 * s.draft_s / max(s.target_forwards - 1, 1))  # the prefill drafts nothing
+    micro = depth_us(drafters)
+    rows = {name: {"tau": n / f, **micro[name], "draft_ms_per_step_median_end_to_end": statistics.median(step_ms[name])}
+            for name, (n, f) in tokens.items()}
     return {"target": "mini-vlm", "drafter": "mini-vlm-vispec", "dtype": str(base.q_proj.weight.dtype),
             "tree": vars(pipe.tree), "prompts": n_prompts, "rounds": rounds, "max_new_tokens": max_new_tokens,
-            "coverage_of_counted_tokens": coverage, "threads": torch.get_num_threads(), "rows": rows}
+            "distinct_counted_tokens": int((counts > 0).sum()), "coverage_of_counted_tokens": coverage, "threads": torch.get_num_threads(), "rows": rows}
 
 
 def main() -> None:
@@ -89,8 +111,11 @@ def main() -> None:
     p.add_argument("--count-prompts", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-vCPU machine two threads' "
+                   "OpenMP barriers wait on each other whenever a neighbour takes a core, and swamp the difference)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
+    torch.set_num_threads(a.threads)
     logging.basicConfig(level=logging.INFO)
     report = run(a.vocab, a.prompts, a.count_prompts, a.max_new_tokens, a.rounds)
     text = json.dumps(report, indent=2)
