@@ -101,7 +101,8 @@ def run(vocabs: list[int], n_prompts: int, n_count: int, max_new_tokens: int, ro
             for name, (n, f) in tokens.items()}
     return {"target": "mini-vlm", "drafter": "mini-vlm-vispec", "dtype": str(base.q_proj.weight.dtype),
             "tree": vars(pipe.tree), "prompts": n_prompts, "rounds": rounds, "max_new_tokens": max_new_tokens,
-            "distinct_counted_tokens": int((counts > 0).sum()), "coverage_of_counted_tokens": coverage, "threads": torch.get_num_threads(), "rows": rows}
+            "distinct_counted_tokens": int((counts > 0).sum()), "coverage_of_counted_tokens": coverage,
+            "threads": torch.get_num_threads(), "rows": rows}
 
 
 def main() -> None:

@@ -244,12 +244,13 @@ def test_aux_layer_numbering_and_defaults(deep, tmp_path):
     target_dir = deep("llava")
     config = AutoConfig.from_pretrained(target_dir)
     ids = [5, 9, 11]
+    sglang = lambda layers: {"eagle_config": {"eagle_aux_hidden_state_layer_ids": layers}}  # noqa: E731
     cases = [({"eagle_aux_hidden_state_layer_ids": [3, 1, 2]}, (1, 2, 3)),
-             ({"eagle_aux_hidden_state_layer_ids": [1, 2, 3], "eagle_config": {"eagle_aux_hidden_state_layer_ids": [0, 1, 2]}}, (1, 2, 3))]
+             ({"eagle_aux_hidden_state_layer_ids": [1, 2, 3], **sglang([0, 1, 2])}, (1, 2, 3))]
     for i, (over, want) in enumerate(cases):
         ck = write_specforge(tmp_path / f"ok{i}", target_dir, ids, **over)
         assert from_checkpoint(ck, config).config.feature_layers == want
-    bad = [({"eagle_aux_hidden_state_layer_ids": [1, 2, 3], "eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 2, 3]}}, "disagree"),
+    bad = [({"eagle_aux_hidden_state_layer_ids": [1, 2, 3], **sglang([1, 2, 3])}, "disagree"),
            ({"eagle_config": {}}, r"default \(2, L // 2, L - 3\) give hidden states \[2, 2, 1\]"),
            ({"eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 2, 3]}}, r"outside the 0..3")]
     for i, (over, match) in enumerate(bad):
