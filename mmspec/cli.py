@@ -156,13 +156,18 @@ def build_parser() -> Parser:
 
     add_demo_args(demo)
 
+    _add_drafter_file_parsers(sub)
+    return parser
+
+
+def _add_drafter_file_parsers(sub) -> None:
+    """`mmspec export-drafter` (to the engines' layout) and `mmspec convert-drafter` (from a published one)."""
     ex = sub.add_parser("export-drafter", help="write a drafter in another engine's checkpoint layout")
     ex.add_argument("drafter", type=Path)
     ex.add_argument("--format", required=True, choices=["eagle3"])
     ex.add_argument("--out", type=Path, required=True)
     ex.add_argument("--drop-vision-adaptor", action="store_true")
     ex.add_argument("--target", default=None, help="the drafter's target (default: the one recorded at training)")
-
     cv = sub.add_parser("convert-drafter", help="convert a published EAGLE-1/2 or EAGLE-3 drafter to mmspec's layout")
     cv.add_argument("src", help="checkpoint directory or cached Hugging Face id")
     cv.add_argument("--out", type=Path, required=True)
@@ -170,7 +175,6 @@ def build_parser() -> Parser:
                     "name the target layers it reads: EAGLE-1/2, EAGLE-3 without aux layer ids)")
     cv.add_argument("--trust-pickle", action="store_true", help="read pytorch_model.bin and other pickles (only for a "
                     "source you trust: unpickling can run code)")
-    return parser
 
 
 def _tree(args) -> "object":

@@ -553,6 +553,16 @@ def _new_drafter(target: str, model, adapter, cfg: TrainConfig, vocab_ids=None) 
     return drafter
 
 
+def _draft_vocab(cfg: TrainConfig, train_set: list, model, adapter, processor):
+    """--draft-vocab N -> [N] target ids (the most frequent learned tokens of the training set), or None."""
+    if cfg.draft_vocab is None:
+        return None
+    if adapter.generates_images:
+        raise InputError("--draft-vocab applies to text drafters; an image drafter predicts the whole codebook")
+    return choose_draft_vocab(cfg.draft_vocab, train_set, functools.partial(encode_conversation, adapter, processor),
+                              model.config.get_text_config().vocab_size)
+
+
 def train_drafter(target: str, data: str | Path, out: str | Path, cfg: TrainConfig = TrainConfig(), *,
                   device: str | None = None) -> dict:
     """Train a drafter for `target` on JSONL conversations; writes a Drafter directory to `out` (main process only).
@@ -563,12 +573,7 @@ def train_drafter(target: str, data: str | Path, out: str | Path, cfg: TrainConf
     accelerator = _start(out, ckpt, cfg, device)
     torch.manual_seed(cfg.seed)
     train_set, eval_set, report, model, processor, adapter = _load_inputs(target, data, cfg, accelerator.device)
-    vocab_ids = None
-    if cfg.draft_vocab is not None:
-        if adapter.generates_images:
-            raise InputError("--draft-vocab applies to text drafters; an image drafter predicts the whole codebook")
-        vocab_ids = choose_draft_vocab(cfg.draft_vocab, train_set, functools.partial(encode_conversation, adapter, processor),
-                                       model.config.get_text_config().vocab_size)
+    vocab_ids = _draft_vocab(cfg, train_set, model, adapter, processor)
     drafter = _new_drafter(target, model, adapter, cfg, vocab_ids).to(accelerator.device)
     objective = DraftObjective(drafter, cfg.ttt_steps, cfg.noise)
     optimizer = torch.optim.AdamW([p for p in drafter.parameters() if p.requires_grad], lr=cfg.lr,
