@@ -6,7 +6,7 @@
     img = gen.generate_image("a big red circle at the top left", acceptance=mmspec.Lantern(k=8, delta=0.2)).image
 """
 
-from .acceptance import Exact, Lantern, LanternPP
+from .acceptance import AcceptanceRule, Exact, Lantern, LanternPP
 from .config import SamplingConfig, TreeConfig
 from .drafter import Drafter, DrafterConfig
 from .engine import Stats, StepEvent
@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Acceptance",
+    "AcceptanceRule",
     "DraftTree",
     "Drafter",
     "DrafterConfig",

@@ -18,6 +18,7 @@ accepted when its relaxed mass on the softmax of the same logits is at least p(y
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -30,6 +31,7 @@ class Exact:
     """Lossless: a drafted token is tested against the target's own probability of it."""
 
     relaxed = False  # True for rules that change the output distribution (refused on text targets)
+    k = 0  # reads no neighbours
 
     def relaxed_set(self, target_probs: Tensor, token: Tensor, neighbours: Tensor | None = None) -> Tensor:
         """target_probs [V], token [1] long -> [1]: the token alone."""
@@ -43,15 +45,48 @@ class Exact:
 EXACT = Exact()
 
 
-def check_rule(rule: object) -> Exact:
-    if not callable(getattr(rule, "relaxed_set", None)) or not callable(getattr(rule, "relaxed_mass", None)):
-        raise InputTypeError(f"acceptance must be an acceptance rule such as mmspec.Exact(), got {type(rule).__name__}")
+class AcceptanceRule(Protocol):
+    """Everything the engine reads of an acceptance rule (`acceptance=` takes any object that has it): `Exact`,
+    `Lantern`, `LanternPP` or a rule of your own. `relaxed`: it changes the output distribution (refused on text
+    targets); `k`: the neighbours per code it reads from the table (a relaxed rule, >= 1; 0 reads none)."""
+
+    relaxed: bool
+    k: int
+
+    def relaxed_set(self, target_probs: Tensor, token: Tensor, neighbours: Tensor | None = None) -> Tensor: ...
+
+    def relaxed_mass(self, target_probs: Tensor, tokens: Tensor, neighbours: Tensor | None = None) -> Tensor: ...
+
+
+RULE_METHODS = ("relaxed_set", "relaxed_mass")
+
+
+def check_rule(rule: object) -> AcceptanceRule:
+    """The rule, when it has all of AcceptanceRule, else a one-line error naming what it lacks."""
+    what = f"acceptance must be an acceptance rule such as mmspec.Exact() (see mmspec.AcceptanceRule); " \
+           f"{type(rule).__name__}"
+    missing = [m for m in RULE_METHODS if not callable(getattr(rule, m, None))]
+    if missing:
+        raise InputTypeError(f"{what} has no method {', '.join(missing)}")
+    relaxed, k = getattr(rule, "relaxed", None), getattr(rule, "k", None)
+    if not isinstance(relaxed, bool):
+        raise InputTypeError(f"{what} needs a bool attribute `relaxed`, got {relaxed!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < (1 if relaxed else 0):
+        raise InputTypeError(f"{what} needs an integer attribute `k` (>= 1 for a relaxed rule), got {k!r}")
     return rule
+
+
+# A relaxed rule's k is a column count of the [V, k] neighbour table kept for the target's life: k = 16383 on a 16k
+# codebook would hold 2.1 GB. LANTERN's own settings stay at or below 1000 (Jang et al., ICLR 2025).
+MAX_K = 1024
 
 
 def _check_k(k: object, name: str) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InputError(f"{name}(k=...) must be an integer >= 1 (neighbours per drafted code), got {k!r}")
+    if k > MAX_K:
+        raise InputError(f"{name}(k={k}) is more than {MAX_K} neighbours per code (the table would be codebook x k "
+                         f"codes, kept in memory); use k <= {MAX_K}")
 
 
 def _claimed(target_probs: Tensor, tokens: Tensor, neighbours: Tensor, k: int, budget: Tensor) -> Tensor:

@@ -43,6 +43,17 @@ def _nonneg_float(s: str) -> float:
     return v
 
 
+def _seed(s: str) -> int:
+    """A seed torch can take: an integer in [0, 2**64) (past it torch overflows with a traceback)."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {s!r}") from None
+    if not 0 <= v < 2**64:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**64), got {s!r}")
+    return v
+
+
 DTYPES = ("float32", "bfloat16", "float16")  # what mmspec.load accepts (pipeline._as_dtype); mmspec stays lazy here
 
 
@@ -63,7 +74,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--temperature", type=_nonneg_float, default=temperature)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=_seed, default=None)
 
 
 def _add_generate_image_parser(sub) -> None:
@@ -77,7 +88,7 @@ def _add_generate_image_parser(sub) -> None:
     gen.add_argument("--lantern-k", type=_positive_int, default=None, help="neighbours per drafted code (default 8)")
     gen.add_argument("--lantern-delta", type=float, default=None, help="LANTERN's total-variation bound (default 0.2)")
     gen.add_argument("--lantern-lam", type=float, default=None, help="LANTERN++'s cap p~(x) <= lam p(x) (default 2)")
-    gen.add_argument("--guidance-scale", type=float, default=5.0)
+    gen.add_argument("--guidance-scale", type=float, default=5.0)  # checked by the library: finite, >= 0
     _add_sampling_args(gen, temperature=1.0)
     gen.add_argument("--compare", action="store_true", help="also generate without drafting and print both speeds")
     gen.add_argument("--force", action="store_true", help="overwrite --out if it exists")
@@ -101,12 +112,12 @@ def build_parser() -> Parser:
     bench.add_argument("--n", type=_positive_int, default=8, help="number of held-out prompts")
     bench.add_argument("--max-new-tokens", type=_positive_int, default=128)
     bench.add_argument("--temperature", type=_nonneg_float, default=None, help="default 0 (VLMs), 1 (image generators)")
-    bench.add_argument("--guidance-scale", type=float, default=5.0, help="image generators: the CFG scale")
+    bench.add_argument("--guidance-scale", type=_nonneg_float, default=5.0, help="image generators: the CFG scale")
     bench.add_argument("--no-sweep", dest="sweep", action="store_false", help="image generators: skip the LANTERN sweep")
     bench.add_argument("--no-quality", dest="quality", action="store_false",
                        help="image generators: skip faithfulness / CLIP / FID (speed only)")
     bench.add_argument("--methods", default=None, help="comma-separated subset of methods to run")
-    bench.add_argument("--seed", type=int, default=0, help="sampling seed of the first prompt (prompt k: seed + k)")
+    bench.add_argument("--seed", type=_seed, default=0, help="sampling seed of the first prompt (prompt k: seed + k)")
     bench.add_argument("--json", type=Path, default=None, help="write the results here")
     bench.add_argument("--plot", type=Path, default=None, help="image generators: speedup vs faithfulness PNG")
 
@@ -126,7 +137,7 @@ def build_parser() -> Parser:
     tr.add_argument("--batch-size", type=_positive_int, default=8)
     tr.add_argument("--grad-accum", type=_positive_int, default=1)
     tr.add_argument("--lr", type=float, default=3e-4)
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--seed", type=_seed, default=0)
     tr.add_argument("--ttt-steps", type=_positive_int, default=3, help="training-time-test unroll depth (EAGLE-3)")
     tr.add_argument("--eval-fraction", type=float, default=0.05)
     tr.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -19,7 +20,7 @@ from PIL import Image
 from torch import Tensor
 from transformers import BatchFeature, LogitsProcessorList
 
-from .acceptance import EXACT, Exact, check_rule
+from .acceptance import EXACT, AcceptanceRule, check_rule
 from .config import AutoTreeConfig, SamplingConfig, TreeConfig, seeded_generator
 from .drafter import Drafter
 from .engine import Stats, StepEvent, decode, first_row, guidance
@@ -67,8 +68,9 @@ def neighbour_table(codebook: Tensor, k: int, chunk: int = 1024) -> Tensor:
 
 
 def check_guidance(scale: object) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0:
-        raise InputError(f"guidance_scale must be a number >= 0 (1 = no guidance, Janus uses 5), got {scale!r}")
+    # finite too: an infinite scale turns every guided logit into inf - inf = NaN
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < math.inf:
+        raise InputError(f"guidance_scale must be a finite number >= 0 (1 = no guidance, Janus uses 5), got {scale!r}")
     return float(scale)
 
 
@@ -137,7 +139,7 @@ class ImagePipeline:
 
     # ---- generation ----------------------------------------------------------------------------------------------
     def _events(self, prompt: str, guidance_scale: float = 5.0, temperature: float = 1.0, top_k: int = 0,
-                top_p: float = 1.0, seed: int | None = None, acceptance: Exact = EXACT,
+                top_p: float = 1.0, seed: int | None = None, acceptance: AcceptanceRule = EXACT,
                 speculative: bool = True) -> Iterator[StepEvent]:
         scale = check_guidance(guidance_scale)
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -171,7 +173,7 @@ class ImagePipeline:
         both = self.drafter.config.draft_rows == 2 and scale != 1.0
         return EagleProposer(self.drafter, tree, guidance(scale) if both else None)
 
-    def tree_for(self, acceptance: Exact = EXACT) -> TreeConfig:
+    def tree_for(self, acceptance: AcceptanceRule = EXACT) -> TreeConfig:
         """The tree generate_image drafts with under `acceptance`: the pipeline's own, or with
         `TreeConfig.preset("auto")` the shape measured fastest for this rule on this machine (mmspec.image_autotune,
         measured on first use, cached on disk)."""
@@ -209,7 +211,7 @@ class ImagePipeline:
             yield ImageStreamEvent(ev.token_ids, ev.num_accepted, image, ev.stats, ev.tree, ev.path)
 
     def generate_image(self, prompt: str, *, guidance_scale: float = 5.0, temperature: float = 1.0, top_k: int = 0,
-                       top_p: float = 1.0, seed: int | None = None, acceptance: Exact = EXACT,
+                       top_p: float = 1.0, seed: int | None = None, acceptance: AcceptanceRule = EXACT,
                        speculative: bool = True) -> ImageResult:
         """Generate one image. `Exact()` at temperature 0 gives the codes of the target's own greedy CFG generate
         (`generate(**prepare(p), generation_mode="image", do_sample=False, guidance_scale=s)`), above it the target's

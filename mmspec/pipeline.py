@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import torch
 from transformers import AutoProcessor, AutoTokenizer, BatchFeature, GenerationConfig
 
-from .acceptance import EXACT, Exact, check_rule
+from .acceptance import EXACT, AcceptanceRule, check_rule
 from .adapters import Adapter, adapter_for
 from .config import AutoTreeConfig, SamplingConfig, TreeConfig, check_max_new_tokens, seeded_generator
 from .drafter import Drafter
@@ -238,7 +238,7 @@ class Pipeline:
         top_k: int = 0,
         seed: int | None = None,
         speculative: bool = True,
-        acceptance: Exact = EXACT,
+        acceptance: AcceptanceRule = EXACT,
     ) -> Iterator[StepEvent]:
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
         check_max_new_tokens(max_new_tokens)
@@ -285,7 +285,7 @@ class Pipeline:
         top_k: int = 0,
         seed: int | None = None,
         speculative: bool = True,
-        acceptance: Exact = EXACT,
+        acceptance: AcceptanceRule = EXACT,
     ) -> GenerationResult:
         """Run to the end. At temperature 0 the tokens equal target.generate(**prepare(...), do_sample=False); above it
         they are distributed as the target's samples under the same temperature / top_k / top_p warp. The
