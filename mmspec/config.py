@@ -62,9 +62,10 @@ class TreeConfig:
 
 @dataclass(frozen=True)
 class AutoTreeConfig(TreeConfig):
-    """`TreeConfig.preset("auto")`: `mmspec.load` replaces it with the shape measured fastest for its pipeline (cached
-    per target, drafter and machine). Where nothing measures it (a Pipeline built by hand, an image generator) it is
-    the `cpu` shape it was built with."""
+    """`TreeConfig.preset("auto")`: the shape measured fastest for the pipeline, cached per target, drafter and machine:
+    `mmspec.load` measures a text or VLM target's at once (mmspec.autotune), an image generator's per acceptance rule
+    on first use (mmspec.image_autotune). Where nothing measures it (a pipeline built by hand, with no tuner) it is the
+    `cpu` shape it was built with."""
 
 
 TREE_PRESETS = {

@@ -76,9 +76,12 @@ def check_guidance(scale: object) -> float:
 
 class ImagePipeline:
     def __init__(self, target, processor, adapter, drafter: Drafter | None, tree: TreeConfig,
-                 source: str | None = None) -> None:
+                 source: str | None = None, tuner: Callable | None = None) -> None:
         self.target = target
         self.source = source  # where target and drafter came from: the auto tree's cache key (None: not cached)
+        # (pipe, rules, source) -> {repr(rule): (TreeConfig, record)}: what measures the `auto` tree of a rule;
+        # mmspec.load gives image_autotune.tune_image_trees. None: `auto` stays the shape it was built with.
+        self.tuner = tuner
         self.tuned: dict = {}  # repr(acceptance rule) -> (TreeConfig, tuning record), under TreeConfig.preset("auto")
         self.processor = processor
         self.adapter = adapter
@@ -181,16 +184,21 @@ class ImagePipeline:
             return self.tree
         if repr(acceptance) not in self.tuned:
             self.tune([acceptance])
-        return self.tuned[repr(acceptance)][0]
+        return self.tuned[repr(acceptance)][0] if repr(acceptance) in self.tuned else self.tree
+
+    def with_tree(self, tree: TreeConfig) -> "ImagePipeline":
+        """This pipeline (the same models) drafting with a fixed `tree`: what a tuner probes with. It has its own
+        runner (the mask state of a generation), so it may run beside this one (a demo request beside a tuner)."""
+        clone = copy.copy(self)
+        clone.tree, clone.tuned, clone.runner = tree, {}, ImageRunner(self.target, self.adapter)
+        return clone
 
     def tune(self, rules: list) -> None:
         """Measure (or read from the cache) the auto tree of several rules with one calibration."""
-        from .image_autotune import tune_image_trees
-
         todo = list({repr(r): r for r in rules if repr(r) not in self.tuned}.values())
-        if not todo or not isinstance(self.tree, AutoTreeConfig) or self.drafter is None:
+        if not todo or not isinstance(self.tree, AutoTreeConfig) or self.drafter is None or self.tuner is None:
             return
-        for name, (tree, entry) in tune_image_trees(self, todo, self.source).items():
+        for name, (tree, entry) in self.tuner(self, todo, self.source).items():
             self.tuned[name] = (tree, entry)
             logger.info("tree auto for %s: depth %d, top_k %d, total_tokens %d (expected tau %.2f, %.2fx)", name,
                         tree.depth, tree.top_k, tree.total_tokens, entry.get("expected_tau", 0),

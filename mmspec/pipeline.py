@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -14,10 +15,12 @@ from transformers import AutoProcessor, AutoTokenizer, BatchFeature, GenerationC
 
 from .acceptance import EXACT, AcceptanceRule, check_rule
 from .adapters import Adapter, adapter_for
+from .autotune import auto_tree
 from .config import AutoTreeConfig, SamplingConfig, TreeConfig, check_max_new_tokens, seeded_generator
 from .drafter import Drafter
 from .engine import Stats, StepEvent, decode
 from .errors import InputError, InputTypeError
+from .image_autotune import tune_image_trees
 from .image_pipeline import ImagePipeline
 from .images import cast_pixels, load_images
 from .processing import NodeProcessor, check_generation_config
@@ -86,14 +89,13 @@ def load(
             raise InputError("generation_config applies to text generation; an image generator takes guidance_scale, "
                              "temperature, top_k and top_p in generate_image")
         drafter_obj = _load_drafter(drafter, model, target_name, builtin, draft_dtype)
-        return ImagePipeline(model, processor, adapter, drafter_obj, tree, _cache_source(target_name, drafter))
+        return ImagePipeline(model, processor, adapter, drafter_obj, tree, _cache_source(target_name, drafter),
+                             tuner=tune_image_trees)
     pipe_config = generation_config if generation_config is not None else model.generation_config
     check_generation_config(pipe_config)  # before the drafter loads: a refusal should cost nothing
     drafter_obj = _load_drafter(drafter, model, target_name, builtin, draft_dtype)
     pipe = Pipeline(model, processor, adapter, drafter_obj, tree, pipe_config)
     if isinstance(tree, AutoTreeConfig) and drafter_obj is not None:
-        from .autotune import auto_tree
-
         pipe.tree = auto_tree(pipe, _cache_source(target_name, drafter))
     return pipe
 
@@ -130,9 +132,9 @@ def default_draft_dtype(target_dtype: torch.dtype, device: torch.device, hidden_
     """The drafter runs in the target's dtype, except beside an fp32 target on a CPU that multiplies bfloat16 natively
     (AVX512-BF16 or AMX), where it runs in whichever of fp32 and bf16 multiplies its weights faster here. Why measure:
     a draft step multiplies a few rows (the beam) by every drafter weight, so bf16 halves the bytes read, but oneDNN's
-    bf16 call has a fixed cost (~35 us on a 2-core Sapphire Rapids) that small weights never earn back: there an
-    [8, 768] x [768, 768] matmul is faster in fp32 and an [8, 1024] x [1024, 1024] one in bf16; on an earlier machine
-    bf16 won at 384 wide. The target's verify keeps the output exact either way; only acceptance can move."""
+    bf16 call has a fixed cost that small weights never earn back, and where the two cross differs between machines
+    (the measurements are in docs/speed.md). The target's verify keeps the output exact either way; only acceptance
+    can move."""
     if device.type != "cpu" or target_dtype != torch.float32:
         return target_dtype
     if not cpu_native_bf16():
@@ -216,6 +218,13 @@ class Pipeline:
         )
         eos = self.generation_config.eos_token_id
         self.stop_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+
+    def with_tree(self, tree: TreeConfig) -> "Pipeline":
+        """This pipeline (the same models) drafting with a fixed `tree`: what a tuner probes with. It has its own
+        runner (the mask state of a generation), so it may run beside this one."""
+        clone = copy.copy(self)
+        clone.tree, clone.runner = tree, TargetRunner(self.target, self.adapter)
+        return clone
 
     @property
     def tokenizer(self):
