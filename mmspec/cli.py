@@ -67,7 +67,7 @@ def _add_model_args(p: argparse.ArgumentParser, drafter: bool = True) -> None:
                    help="the drafters' dtype (default: the target's; beside an fp32 target on a CPU with native "
                    "bf16, the faster of fp32 and bfloat16 there)")
     p.add_argument("--tree", default=None, help="tree preset: auto, chain, cpu, default, gpu (default: auto, measured for "
-                   "the target, drafter and machine once and cached, for VLMs; cpu on CPU, gpu on CUDA for images)")
+                   "the target, drafter and machine once and cached; for image generators per acceptance rule)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
