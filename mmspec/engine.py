@@ -3,7 +3,8 @@
     prefill -> first token -> [propose tree -> verify (all rows, one forward) -> combine rows -> process per node
                                -> accept -> keep accepted KV -> commit]*
 
-Each turn of the bracket yields a StepEvent. Stopping matches transformers' generate: a token in the generation config's
+Each turn of the bracket yields a StepEvent. Stats.wall_s is the engine's own time: whatever the consumer does while it
+holds an event (decoding text, rendering a page) is left out, so a streamed run and `generate` are timed alike. Stopping matches transformers' generate: a token in the generation config's
 EOS set ends the output (and is included), even when it lands in the middle of an accepted path; max_new_tokens cuts
 exactly.
 """
@@ -21,6 +22,7 @@ from .processing import NodeProcessor
 from .proposer import PromptContext
 from .target import Prefill, TargetRunner, cache_keep
 from .tree import DraftTree
+from .tuning import sync  # the split into draft / verify needs the work to have finished
 from .verify import Acceptor
 
 
@@ -72,12 +74,6 @@ class StepEvent:
     stats: Stats = field(compare=False)
     tree: DraftTree | None = field(default=None, compare=False)  # the tree verified this step (None: the prefill)
     path: tuple[int, ...] = ()  # its accepted nodes, root first (what a demo draws)
-
-
-def _sync(device: torch.device) -> None:
-    # Honest timing on an asynchronous device: the split into draft / verify needs the work to have finished.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 Combine = Callable[[Tensor], Tensor]  # [B, T, V] logits of the rows -> [T, V] the acceptance rule sees
@@ -150,14 +146,16 @@ def decode(
     if process:
         scores = process(root_tree, scores, rows.prompt_ids[:-1])
     token = accept(root_tree, scores).bonus
-    _sync(dev)
+    sync(dev)
     stats.prefill_s = time.perf_counter() - t0
     stats.target_forwards = 1
     stats.new_tokens = 1
     stats.wall_s = time.perf_counter() - t0
     past = inputs["input_ids"].shape[1]
     finished = token in stop_ids or max_new_tokens == 1
+    held = time.perf_counter()
     yield StepEvent((token,), 0, past, finished, stats)
+    t0 += time.perf_counter() - held  # the consumer's time with the event (decoding, rendering) is not the engine's
     if finished:
         return
 
@@ -173,10 +171,10 @@ def decode(
         t_step = time.perf_counter()
         drafted_before = proposer.forwards
         tree: DraftTree = proposer.propose(root, int(root_pos[0]))
-        _sync(dev)
+        sync(dev)
         t_draft = time.perf_counter()
         logits, hidden = runner.verify(tree, cache, past, root_pos, want_hidden)
-        _sync(dev)
+        sync(dev)
         t_verify = time.perf_counter()
         scores = combine(logits)
         if process:
@@ -200,8 +198,10 @@ def decode(
         stats.new_tokens += len(committed)
         stats.wall_s = time.perf_counter() - t0
         finished = stop is not None or stats.new_tokens >= max_new_tokens
+        held = time.perf_counter()
         yield StepEvent(tuple(committed), min(acc.num_accepted, len(committed)), tree.size, finished, stats, tree,
                         tuple(acc.path.tolist()))
+        t0 += time.perf_counter() - held  # as above: a streamed run is timed as `generate` is
         if finished:
             return
         root = torch.tensor([acc.bonus], device=dev)
