@@ -14,8 +14,8 @@ from .errors import InputError, UserError
 
 # Only bad input becomes the one-line, exit-2 error; anything else is a bug and keeps its traceback.
 USER_ERRORS = (UserError,)
-COMPARE_ROUNDS = 3
-IMAGE_TARGETS = ("mini-gen",)  # built-in image generators: `mmspec bench` runs the image bench on them  # --compare: timed runs of each method, alternating; the best of each is reported
+COMPARE_ROUNDS = 3  # --compare: timed runs of each method, taking turns; the best of each is reported
+IMAGE_TARGETS = ("mini-gen",)  # built-in image generators: `mmspec bench` runs the image bench on them
 
 
 class Parser(argparse.ArgumentParser):
@@ -110,7 +110,8 @@ def build_parser() -> Parser:
     bench = sub.add_parser("bench", help="compare autoregressive, hf_assisted, eagle and vispec decoding")
     _add_model_args(bench, drafter=False)
     bench.add_argument("--n", type=_positive_int, default=8, help="number of held-out prompts")
-    bench.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    bench.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                       help="VLM targets (default 128); an image generator writes its fixed number of codes")
     bench.add_argument("--temperature", type=_nonneg_float, default=None, help="default 0 (VLMs), 1 (image generators)")
     bench.add_argument("--guidance-scale", type=_nonneg_float, default=5.0, help="image generators: the CFG scale")
     bench.add_argument("--no-sweep", dest="sweep", action="store_false", help="image generators: skip the LANTERN sweep")
@@ -199,10 +200,9 @@ def cmd_caption(args) -> int:
     _print_tree(pipe)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
               seed=args.seed)
-    modes = (True, False) if args.compare else (True,)
-    for speculative in modes:  # warm-up: first-call allocations and lazy inits off the clock, for both methods alike
-        pipe.generate(args.prompt, images, **{**kw, "max_new_tokens": 4}, speculative=speculative)
-    runs = _timed_runs(pipe, args.prompt, images, kw, modes, COMPARE_ROUNDS if args.compare else 1)
+    runs = _compare(lambda speculative, short=False: pipe.generate(
+        args.prompt, images, **{**kw, "max_new_tokens": 4 if short else kw["max_new_tokens"]}, speculative=speculative),
+        args.compare)
     res = runs[True][0]
     print(res.text)
     s = max((r.stats for r in runs[True]), key=lambda st: st.tokens_per_s)
@@ -219,13 +219,16 @@ def cmd_caption(args) -> int:
     return 0
 
 
-def _timed_runs(pipe, prompt, images, kw: dict, modes: tuple, rounds: int) -> dict:
-    """{speculative: [result of each round]}. The methods alternate, and which goes first alternates too, so a machine
-    that speeds up or slows down during the runs (caches, clocks, neighbours) treats both alike."""
+def _compare(run, compare: bool) -> dict:
+    """{speculative: [result of each round]} of `run(speculative, short=False)`: with --compare a short warm-up of
+    each method, then COMPARE_ROUNDS rounds taking turns (bench.take_turns), so a machine that speeds up or slows down
+    during the runs (caches, clocks, neighbours) treats both alike; without it, one speculative run."""
+    from .bench import take_turns
+
+    modes = (True, False) if compare else (True,)
     runs = {m: [] for m in modes}
-    for r in range(rounds):
-        for speculative in modes if r % 2 == 0 else modes[::-1]:
-            runs[speculative].append(pipe.generate(prompt, images, **kw, speculative=speculative))
+    take_turns(list(modes), COMPARE_ROUNDS if compare else 1, lambda m, _: runs[m].append(run(m)),
+               lambda m: run(m, short=True) if compare else None)
     return runs
 
 
@@ -270,14 +273,8 @@ def cmd_generate_image(args) -> int:
                 draft_dtype=args.draft_dtype)
     kw = dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               seed=args.seed, acceptance=rule)
-    modes = (True, False) if args.compare else (True,)
-    if args.compare:  # warm-up: first-call allocations and lazy inits off the clock, for both methods alike
-        for speculative in modes:
-            pipe.generate_image(args.prompt, **kw, speculative=speculative)
-    runs = {m: [] for m in modes}
-    for r in range(COMPARE_ROUNDS if args.compare else 1):  # alternating, as caption --compare
-        for speculative in modes if r % 2 == 0 else modes[::-1]:
-            runs[speculative].append(pipe.generate_image(args.prompt, **kw, speculative=speculative))
+    runs = _compare(lambda speculative, short=False: pipe.generate_image(args.prompt, **kw, speculative=speculative),
+                    args.compare)
     res = runs[True][0]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -301,26 +298,42 @@ def cmd_bench(args) -> int:
     methods = args.methods.split(",") if args.methods else None
     if args.json:
         _write_json(args.json, None)  # a --json that cannot be written fails now, not after the whole bench
+    _check_bench_flags(args, methods)
     if args.target in IMAGE_TARGETS:
         from .bench_image import run_image_bench
 
-        if methods:
-            raise InputError("--methods applies to VLM targets; an image bench runs every rule (--no-sweep to cut it)")
         report = run_image_bench(args.target, n=args.n, guidance_scale=args.guidance_scale,
                                  temperature=1.0 if args.temperature is None else args.temperature, device=args.device,
                                  dtype=args.dtype, tree_preset=args.tree, seed=args.seed, sweep=args.sweep,
-                                 quality=args.quality)
+                                 quality=args.quality, draft_dtype=args.draft_dtype)
         if args.plot:
             from .bench_image import plot_tradeoff
 
             print(f"wrote {plot_tradeoff(report, args.plot)}")
     else:
-        report = run_bench(args.target, n=args.n, max_new_tokens=args.max_new_tokens,
+        report = run_bench(args.target, n=args.n, max_new_tokens=args.max_new_tokens or 128,
                            temperature=args.temperature or 0.0, device=args.device, dtype=args.dtype,
                            tree_preset=args.tree, methods=methods, draft_dtype=args.draft_dtype, seed=args.seed)
     if args.json:
         _write_json(args.json, report)
     return 0
+
+
+def _check_bench_flags(args, methods) -> None:
+    """Each bench reads only its own flags: one the chosen bench would ignore is refused before anything runs."""
+    if args.target in IMAGE_TARGETS:
+        stray = [f for f, given in (("--methods", methods), ("--max-new-tokens", args.max_new_tokens)) if given]
+        if stray:
+            raise InputError(f"{', '.join(stray)} applies to VLM targets; an image bench runs every rule for the "
+                             f"target's fixed number of codes (--no-sweep cuts the sweep)")
+        if args.plot and not args.quality:
+            raise InputError("--plot draws speedup against faithfulness, which --no-quality skips; drop one")
+        return
+    stray = [f for f, given in (("--plot", args.plot), ("--no-sweep", not args.sweep), ("--no-quality", not args.quality))
+             if given]
+    if stray:
+        raise InputError(f"{', '.join(stray)} applies to image generators (e.g. --target mini-gen), not to "
+                         f"{args.target!r}")
 
 
 def _write_json(path: Path, obj) -> None:

@@ -1,0 +1,67 @@
+"""The benches honour or refuse every flag (issue 25), keep the quality keys when quality is skipped, and time their
+methods one way (bench.take_turns), as the CLI's --compare does."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from mmspec import TreeConfig
+from mmspec.bench import take_turns
+from mmspec.cli import main
+
+
+def _exit_2(capsys, args, match):
+    try:
+        code = main(args)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and match in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--target", "mini-gen", "--max-new-tokens", "5"], "--max-new-tokens applies to VLM targets"),
+    (["--target", "mini-gen", "--methods", "eagle"], "--methods applies to VLM targets"),
+    (["--target", "mini-gen", "--plot", "p.png", "--no-quality"], "--no-quality"),
+    (["--plot", "p.png"], "--plot applies to image generators"),
+    (["--no-quality"], "--no-quality applies to image generators"),
+])
+def test_a_flag_the_bench_would_ignore_is_refused(args, match, capsys, monkeypatch):
+    import mmspec.bench
+    import mmspec.bench_image
+
+    for mod, name in ((mmspec.bench, "run_bench"), (mmspec.bench_image, "run_image_bench")):
+        monkeypatch.setattr(mod, name, lambda *a, **k: pytest.fail("the bench ran"))
+    _exit_2(capsys, ["bench", *args], match)
+
+
+def test_image_bench_honours_draft_dtype(monkeypatch):
+    import mmspec.bench_image
+
+    seen = {}
+    monkeypatch.setattr(mmspec.bench_image, "run_image_bench", lambda *a, **k: seen.update(k) or {})
+    assert main(["bench", "--target", "mini-gen", "--draft-dtype", "bfloat16", "--no-quality"]) == 0
+    assert seen["draft_dtype"] == "bfloat16" and seen["quality"] is False
+
+
+def test_quality_keys_are_null_without_quality():
+    from mmspec.bench_image import QUALITY_KEYS, _report, _settings
+
+    settings = _settings(sweep=True)
+    stats = SimpleNamespace(prefill_s=0.1, draft_s=0.1, verify_s=0.2, other_s=0.1, wall_s=0.5, target_forwards=4)
+    for s in settings.values():
+        s.add_image(SimpleNamespace(image=None, token_ids=[1] * 16, stats=stats))
+    pipe = SimpleNamespace(tree_for=lambda rule: TreeConfig(), device="cpu", tree=TreeConfig())
+    report = _report("mini-gen", pipe, 1, {"guidance_scale": 5.0, "temperature": 1.0}, settings, {}, True)
+    for row in list(report["methods"].values()) + report["sweep"]:
+        assert {k: row[k] for k in QUALITY_KEYS} == dict.fromkeys(QUALITY_KEYS)
+
+
+def test_take_turns_warms_up_then_rotates():
+    calls = []
+    take_turns(["a", "b", "c"], 4, lambda m, k: calls.append((m, k)), lambda m: calls.append((m, "warm")))
+    assert calls[:3] == [("a", "warm"), ("b", "warm"), ("c", "warm")]
+    assert [m for m, _ in calls[3:]] == list("abc" "bca" "cab" "abc")
+    assert [k for _, k in calls[3:]] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
