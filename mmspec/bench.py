@@ -7,6 +7,7 @@ included, for every method alike: for hf_assisted through a forward hook on the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -38,6 +39,7 @@ class MethodResult:
     wall_s: float = 0.0
     peak_mem_mb: float = 0.0
     split_s: dict = field(default_factory=dict)  # engine methods: prefill / draft / verify / other seconds
+    host_syncs_per_step: float | None = None  # engine methods: count_host_syncs of one run per target forward
 
     def add(self, token_ids: list[int], wall_s: float, target_forwards: int, stats=None) -> None:
         """One prompt's run; `stats` (mmspec's Stats, engine methods only) adds where the time went."""
@@ -53,6 +55,33 @@ class MethodResult:
     @property
     def speed(self) -> float:
         return self.new_tokens / self.wall_s
+
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")  # a tensor's value to the host
+
+
+@contextlib.contextmanager
+def count_host_syncs():
+    """Counts every read of a tensor's value by the host (Tensor.item, tolist, cpu, float(t), int(t), bool(t), ...)
+    while the block runs: on a GPU each is a device sync that stalls the queue of kernels, so the engine should make a
+    small fixed number per step, whatever the tree. Yields a dict whose "n" is the count. On a CPU the same reads are
+    counted (they are what would sync on a GPU). Patches torch.Tensor for the block: not for concurrent use."""
+    counter = {"n": 0}
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counting(original):
+        def read(self, *args, **kwargs):
+            counter["n"] += 1
+            return original(self, *args, **kwargs)
+        return read
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, counting(original))
+    try:
+        yield counter
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
 
 
 def take_turns(names: list, n: int, run: Callable[[object, int], None], warm_up: Callable[[object], None]) -> None:
@@ -199,6 +228,10 @@ def run_bench(target: str = "mini-vlm", *, n: int = 8, max_new_tokens: int = 128
             take_turns(methods, len(prompts), timed, lambda m: run(m, *prompts[0], 0))
             for m in methods:
                 results[m].peak_mem_mb = mem[m].peak
+                if m not in ("hf_generate", "hf_assisted"):  # one more, untimed run: how often the host waits
+                    with count_host_syncs() as syncs:
+                        fw = run(m, *prompts[0], 0)[2]
+                    results[m].host_syncs_per_step = round(syncs["n"] / max(fw, 1), 2)
     finally:
         hook.remove()
 
@@ -228,6 +261,7 @@ def method_rows(results: dict[str, MethodResult], greedy: bool) -> dict[str, dic
             "peak_mem_mb": round(r.peak_mem_mb, 1),
             "new_tokens": r.new_tokens,
             "target_forwards": r.target_forwards,
+            "host_syncs_per_step": r.host_syncs_per_step,
         }
         if r.split_s:  # where a step's time goes: per target forward, in milliseconds
             steps = max(r.target_forwards, 1)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .acceptance import Exact, Lantern, LanternPP
-from .bench import MethodResult, take_turns
+from .bench import MethodResult, count_host_syncs, take_turns
 from .config import AutoTreeConfig, TreeConfig
 from .errors import InputError, MissingInputError
 
@@ -83,6 +83,10 @@ def run_image_bench(target: str = "mini-gen", *, n: int = 16, guidance_scale: fl
     with torch.inference_mode():
         take_turns(list(settings), len(records), lambda name, k: settings[name].add_image(run(name, k)),
                    lambda name: run(name, 0))
+        for name in HEADLINE:  # one more, untimed run each: how often the host waits
+            with count_host_syncs() as syncs:
+                forwards = run(name, 0).stats.target_forwards
+            settings[name].host_syncs_per_step = round(syncs["n"] / max(forwards, 1), 2)
         greedy = {m: [pipe.generate_image(r["prompt"], guidance_scale=guidance_scale, temperature=0.0,
                                           speculative=m == "exact").token_ids for r in records]
                   for m in ("autoregressive", "exact")}
@@ -120,6 +124,7 @@ def _report(target, pipe, n, kw, settings, scores, lossless) -> dict:
                "speedup": round(s.speed / ar, 3), "speedup_over_exact": round(s.speed / ex, 3),
                **{k: (None if v is None else round(v, 4)) for k, v in quality.items()},
                "ms_per_step": {k: round(1e3 * v / max(s.target_forwards, 1), 3) for k, v in s.split_s.items()},
+               "host_syncs_per_step": s.host_syncs_per_step,
                "tree": asdict(pipe.tree_for(s.rule)) if s.speculative else None}
         if name in HEADLINE:
             rows[name] = {**row, "rule": repr(s.rule), "lossless": lossless if name == "exact" else None}
