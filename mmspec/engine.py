@@ -121,7 +121,18 @@ class Rows:
         return out
 
 
-def decode(
+def decode(*args, **kwargs) -> Iterator[StepEvent]:
+    """The loop (`steps`, same arguments), timed as the engine's own work: Stats.wall_s leaves out the time the consumer
+    holds each event (decoding text, rendering a page), so a streamed run is timed as `generate` is."""
+    held = 0.0
+    for event in steps(*args, **kwargs):
+        event.stats.wall_s -= held  # the loop sets wall_s afresh each step, from its start: take out all held so far
+        t = time.perf_counter()
+        yield event
+        held += time.perf_counter() - t
+
+
+def steps(
     runner: TargetRunner,
     proposer,
     inputs: dict,
@@ -153,9 +164,7 @@ def decode(
     stats.wall_s = time.perf_counter() - t0
     past = inputs["input_ids"].shape[1]
     finished = token in stop_ids or max_new_tokens == 1
-    held = time.perf_counter()
     yield StepEvent((token,), 0, past, finished, stats)
-    t0 += time.perf_counter() - held  # the consumer's time with the event (decoding, rendering) is not the engine's
     if finished:
         return
 
@@ -198,10 +207,8 @@ def decode(
         stats.new_tokens += len(committed)
         stats.wall_s = time.perf_counter() - t0
         finished = stop is not None or stats.new_tokens >= max_new_tokens
-        held = time.perf_counter()
         yield StepEvent(tuple(committed), min(acc.num_accepted, len(committed)), tree.size, finished, stats, tree,
                         tuple(acc.path.tolist()))
-        t0 += time.perf_counter() - held  # as above: a streamed run is timed as `generate` is
         if finished:
             return
         root = torch.tensor([acc.bonus], device=dev)
