@@ -100,10 +100,11 @@ def test_cli_guidance_scale_inf_exits_2(capsys, tiny_dir, tmp_path):
 
 
 class _HalfRule:
-    """Has the two methods the old check looked at, but not `relaxed` or `k`, which the engine reads too."""
+    """Has the two methods the old check looked at, but not `relaxed`, `k` or `node_budget`, which the engine reads
+    too."""
 
-    def relaxed_set(self, target_probs, token, neighbours=None):
-        return token
+    def relax(self, residual, draft, neighbours, budget):
+        return residual, 0.0
 
     def relaxed_mass(self, target_probs, tokens, neighbours=None):
         return target_probs.gather(1, tokens.reshape(-1, 1))[:, 0]
@@ -113,18 +114,24 @@ class _RelaxedWithoutK(_HalfRule):
     relaxed = True
 
 
+class _NoBudget(_HalfRule):
+    relaxed, k = True, 4
+
+
 def test_custom_rule_is_checked_against_the_whole_protocol(vlm, gen):
     with pytest.raises(UserError, match="relaxed"):
         vlm.generate("hi", max_new_tokens=2, acceptance=_HalfRule())
     with pytest.raises(UserError, match="`k`"):
         gen.generate_image("a red circle", acceptance=_RelaxedWithoutK())
-    with pytest.raises(UserError, match="no method relaxed_set"):
+    with pytest.raises(UserError, match="node_budget"):
+        gen.generate_image("a red circle", acceptance=_NoBudget())
+    with pytest.raises(UserError, match="no method relax"):
         gen.generate_image("a red circle", acceptance=object())
 
 
 def test_a_complete_custom_rule_works(gen):
     class Mine(_HalfRule):
-        relaxed, k = False, 0
+        relaxed, k, node_budget = False, 0, 0.0
 
     want = gen.generate_image("a red circle", seed=3, acceptance=Exact()).token_ids
     assert gen.generate_image("a red circle", seed=3, acceptance=Mine()).token_ids == want

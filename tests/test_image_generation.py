@@ -49,7 +49,7 @@ class Oracle:
         parents = [-1, 0, 0] + list(range(2, 2 + len(chain) - 1))
         return DraftTree.from_parents(torch.tensor(tokens), parents)
 
-    def commit(self, tree, acceptance, hidden_states):
+    def commit(self, tree, acceptance, hidden_states, scores=None):
         pass
 
 
