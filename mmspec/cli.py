@@ -120,7 +120,8 @@ def build_parser() -> Parser:
                        help="VLM targets (default 128); an image generator writes its fixed number of codes")
     bench.add_argument("--temperature", type=_nonneg_float, default=None, help="default 0 (VLMs), 1 (image generators)")
     bench.add_argument("--guidance-scale", type=_nonneg_float, default=5.0, help="image generators: the CFG scale")
-    bench.add_argument("--no-sweep", dest="sweep", action="store_false", help="image generators: skip the LANTERN sweep")
+    bench.add_argument("--no-sweep", dest="sweep", action="store_false",
+                       help="image generators: skip the sweeps (LANTERN settings, Jacobi windows and rules)")
     bench.add_argument("--no-quality", dest="quality", action="store_false",
                        help="image generators: skip faithfulness / CLIP / FID (speed only)")
     bench.add_argument("--methods", default=None, help="comma-separated subset of methods to run")

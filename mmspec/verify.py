@@ -114,7 +114,7 @@ class SiblingTest:
 
 
 def sibling_test(residual: Tensor, token: int, draft_row: Tensor | None, rule, neighbours: Tensor | None,
-               budget: float) -> SiblingTest:
+                 budget: float) -> SiblingTest:
     """residual [V] (unnormalised), the child's token, its draft distribution q [V] (None: a point draft) -> the test.
 
     The child is tested against the rule's relaxed residual r~ with its draft scaled to the residual's mass, Q = m q:
