@@ -59,7 +59,7 @@ EXACT = Exact()
 class AcceptanceRule(Protocol):
     """Everything the engine reads of an acceptance rule (`acceptance=` takes any object that has it): `Exact`,
     `Lantern`, `LanternPP`, `Grouped` or a rule of your own. `relaxed`: it changes the output distribution (refused on
-    text targets); `k`: the neighbours per code it reads from the table (a relaxed rule, >= 1; 0 reads none);
+    text targets); `k`: the neighbours per code it reads from the table (0 reads none);
     `node_budget`: the mass the siblings of one node may move together; `relax` and `relaxed_mass` as above."""
 
     relaxed: bool
@@ -85,8 +85,8 @@ def check_rule(rule: object) -> AcceptanceRule:
     relaxed, k, budget = (getattr(rule, a, None) for a in ("relaxed", "k", "node_budget"))
     if not isinstance(relaxed, bool):
         raise InputTypeError(f"{what} needs a bool attribute `relaxed`, got {relaxed!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < (1 if relaxed else 0):
-        raise InputTypeError(f"{what} needs an integer attribute `k` (>= 1 for a relaxed rule), got {k!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise InputTypeError(f"{what} needs an integer attribute `k` >= 0 (neighbours it reads), got {k!r}")
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:
         raise InputTypeError(f"{what} needs a number attribute `node_budget` >= 0, got {budget!r}")
     return rule
