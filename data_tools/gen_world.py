@@ -29,7 +29,7 @@ from tqdm import tqdm
 from mmspec.errors import InputError
 
 from .shapes_world import (BACKGROUNDS, COLOURS, MIN_BACKGROUND_DISTANCE, POSITION_PHRASES, SHAPES, SIZES, RADIUS,
-                           Obj, Scene, _outline, cell_centre)
+                           Obj, Scene, cell_centre, outline)
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def _object_alpha(obj: Obj) -> torch.Tensor:
     draw = ImageDraw.Draw(big)
     cx, cy = (v * SUPERSAMPLE for v in cell_centre(obj))
     r = RADIUS[obj.size] * SUPERSAMPLE
-    pts = _outline(obj.shape, cx, cy, r)
+    pts = outline(obj.shape, cx, cy, r)
     if pts is None:
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
     else:

@@ -128,7 +128,7 @@ def cell_centre(obj: Obj) -> tuple[float, float]:
     return (obj.cell % 3 + 0.5) * step + obj.dx, (obj.cell // 3 + 0.5) * step + obj.dy
 
 
-def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+def outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
     """Polygon vertices of a shape of radius r; None for the circle (drawn as an ellipse)."""
     if shape == "square":
         h = 0.82 * r  # a square of the same radius would look much heavier than the circle
@@ -169,7 +169,7 @@ def _draw_objects(image: Image.Image, scene: Scene, fill=None) -> Image.Image:
     for o in scene.objects:
         cx, cy = (v * SUPERSAMPLE for v in cell_centre(o))
         r = RADIUS[o.size] * SUPERSAMPLE
-        pts, colour = _outline(o.shape, cx, cy, r), COLOURS[o.colour] if fill is None else fill
+        pts, colour = outline(o.shape, cx, cy, r), COLOURS[o.colour] if fill is None else fill
         if pts is None:
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
         else:

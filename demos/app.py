@@ -5,24 +5,36 @@
 
 The handlers (`Demo.ask`, `Demo.generate_image`) are plain generators over mmspec's stream API, so they are tested
 without a browser; `build_app` wires them into Blocks. Each model serves one request at a time (its own queue), so the
-engine state of a pipeline is never shared by two requests. Uploads are capped (MAX_FILE_SIZE) and read as images
-only; the app opens no path a user types.
+engine state of a pipeline is never shared by two requests, and at most QUEUE_SIZE wait. An image rule whose `auto`
+tree is not measured yet is measured on a background thread, never inside a request (the page says so). Uploads are
+capped (MAX_FILE_SIZE) and read as images only (at most images.MAX_PIXELS); the app opens no path a user types.
+Beyond this machine (a LAN --host, --share) anyone who reaches it can use it: `--auth USER:PASSWORD` or MMSPEC_DEMO_AUTH
+asks for a login.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
-from dataclasses import dataclass
+import os
+import re
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from mmspec.errors import UserError
+from mmspec.config import AutoTreeConfig
+from mmspec.errors import InputError, UserError
 
 from .render import BONUS, DRAFT, code_map_html, tokens_html, tree_svg
 
 logger = logging.getLogger(__name__)
 
 MAX_FILE_SIZE = "10mb"
+QUEUE_SIZE = 16  # requests waiting at once; one more is told the queue is full instead of joining an endless backlog
+PREVIEW_PX = 512  # the upload preview is a thumbnail: a large upload is decoded once, by the Ask handler, not sent back
+SEED_MAX = 2**32 - 1  # the seed box's range: exact in a browser's numbers, and well inside torch's [0, 2**64)
+AUTH_ENV = "MMSPEC_DEMO_AUTH"  # USER:PASSWORD, the same as --auth without showing it in the process list
 RULES = ("exact", "lantern", "lantern++", "grouped")
 DRAFTS = ("drafter", "jacobi")
 SAMPLES = Path(__file__).resolve().parent.parent / "mmspec" / "assets"
@@ -38,6 +50,9 @@ class Demo:
     gen: object | None  # a mmspec ImagePipeline, or None
     vlm_error: str = ""  # why a model is missing, shown in its tab
     gen_error: str = ""
+    tuning: set = field(default_factory=set)  # repr of the rules whose auto tree a background thread is measuring
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # guards `tuning`
+    _tune_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one measurement at a time
 
     # ---- ask -----------------------------------------------------------------------------------------------------
     def ask(self, image: str | None, question: str, compare: bool = False, max_new_tokens: int = 128,
@@ -89,22 +104,53 @@ class Demo:
         acceptance = self._rule(rule, int(k), float(delta), float(lam))
         if draft not in (None, *DRAFTS):
             raise _error(f"unknown drafting {draft!r}; choose one of {', '.join(DRAFTS)}")
-        grid = self.gen.adapter.grid(self.gen.target)
+        drafting = self._call(lambda: self.gen.drafting(draft))
+        gen, note = self._gen_for(acceptance) if drafting == "drafter" else (self.gen, "")  # Jacobi: no tree
+        grid = gen.adapter.grid(gen.target)
         steps, drafted, image, stats = [], [], None, None
-        kw = dict(guidance_scale=float(guidance), seed=int(seed), draft=self._call(lambda: self.gen.drafting(draft)))
-        events = self._stream(lambda: self.gen.stream_image(prompt, acceptance=acceptance, **kw))
+        kw = dict(guidance_scale=float(guidance), seed=_seed(seed), draft=drafting)
+        events = self._stream(lambda: gen.stream_image(prompt, acceptance=acceptance, **kw))
         for step, ev in enumerate(events):
             steps += [step] * len(ev.token_ids)
             drafted += [True] * ev.num_accepted + [False] * (len(ev.token_ids) - ev.num_accepted)
             image = _shown(ev.image) or image
             stats = ev.stats
-            yield image, _speed_line(stats, unit="codes"), code_map_html(grid, steps, drafted)
+            yield image, _speed_line(stats, unit="codes") + note, code_map_html(grid, steps, drafted)
         if compare:
-            ar = self._call(lambda: self.gen.generate_image(prompt, **kw, speculative=False)).stats
-            exact = self._call(lambda: self.gen.generate_image(prompt, **kw)).stats
+            ar = self._call(lambda: gen.generate_image(prompt, **kw, speculative=False)).stats
+            exact = self._call(lambda: gen.generate_image(prompt, **kw)).stats
             line = (_speed_line(stats, ar, unit="codes") + f" · exact rule {exact.tokens_per_s:.1f} codes/s "
-                    f"({stats.tokens_per_s / exact.tokens_per_s:.2f}x of it)")
+                    f"({stats.tokens_per_s / exact.tokens_per_s:.2f}x of it)" + note)
             yield image, line, code_map_html(grid, steps, drafted)
+
+    # ---- auto trees off the request path ---------------------------------------------------------------------------
+    def _gen_for(self, acceptance) -> tuple[object, str]:
+        """The pipeline this request draws with, and a note for the page. Measuring a rule's `auto` tree takes seconds
+        to minutes and would hold the one generate queue: a rule not measured yet is measured on a background thread,
+        and meanwhile its requests draft with the nearest shape measured so far."""
+        gen = self.gen
+        if not (isinstance(gen.tree, AutoTreeConfig) and gen.drafter is not None and gen.tuner is not None) \
+                or repr(acceptance) in gen.tuned:
+            return gen, ""
+        with self._lock:
+            start = repr(acceptance) not in self.tuning
+            self.tuning.add(repr(acceptance))
+        if start:
+            threading.Thread(target=self._tune, args=(acceptance,), daemon=True, name="mmspec-demo-tune").start()
+        tree = nearest_tree(gen.tuned, acceptance, gen.tree)
+        note = (f" · drafting with the nearest measured tree (depth {tree.depth}, top_k {tree.top_k}, total "
+                f"{tree.total_tokens}) while this rule's own is measured in the background")
+        return gen.with_tree(tree), note
+
+    def _tune(self, acceptance) -> None:
+        try:
+            with self._tune_lock:  # the tuner drives the pipeline's own runner: one measurement at a time
+                self.gen.tune([acceptance])
+        except Exception:  # a background thread has no page to show it on: log it, requests keep the nearest shape
+            logger.exception("measuring the auto tree of %r failed", acceptance)
+        finally:
+            with self._lock:
+                self.tuning.discard(repr(acceptance))
 
     @staticmethod
     def _rule(rule: str, k: int, delta: float, lam: float):
@@ -134,6 +180,34 @@ class Demo:
             raise _error(str(e)) from None
 
 
+def nearest_tree(tuned: dict, rule, fallback):
+    """The measured tree of the tuned rule nearest to `rule`: the same kind of rule first, then the closest parameters
+    (summed relative differences); `fallback` when nothing is measured. tuned: {repr(rule): (TreeConfig, record)}."""
+    def kind_and_params(text: str) -> tuple[str, dict[str, float]]:
+        return text.split("(")[0], {k: float(v) for k, v in re.findall(r"(\w+)=([-\d.e]+)", text)}
+
+    want_kind, want = kind_and_params(repr(rule))
+
+    def distance(text: str) -> tuple[int, float]:
+        kind, params = kind_and_params(text)
+        diff = sum(abs(params.get(k, 0.0) - v) / max(abs(v), 1e-9) for k, v in want.items())
+        return (kind != want_kind, diff)
+
+    return tuned[min(tuned, key=distance)][0] if tuned else fallback
+
+
+def _seed(seed) -> int:
+    """The seed box's value as a seed torch takes (gradio's Number may hand over a float such as 3.0)."""
+    from mmspec.config import check_seed
+
+    if isinstance(seed, float) and seed.is_integer():
+        seed = int(seed)
+    try:
+        return check_seed(seed)
+    except UserError as e:
+        raise _error(str(e)) from None
+
+
 def _shown(image):
     """A small generated image (mini-gen's are 32 px) scaled up by whole pixels to ~256 px, so codes stay visible."""
     if image is None:
@@ -143,16 +217,18 @@ def _shown(image):
 
 
 def _preview(path: str | None):
-    """The uploaded file as a picture, or None when it is not one (the Ask handler then says why)."""
-    from PIL import Image, UnidentifiedImageError
+    """A thumbnail of the uploaded file, or None when it is not a readable image within mmspec's pixel limit (the Ask
+    handler then says why)."""
+    from mmspec.images import load_image
 
     if not path:
         return None
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError):
+        image = load_image(path).copy()  # a copy: thumbnail() works in place
+    except UserError:
         return None
+    image.thumbnail((PREVIEW_PX, PREVIEW_PX))
+    return image
 
 
 def _error(message: str) -> Exception:
@@ -218,7 +294,7 @@ def build_app(demo: Demo):
                                       label="delta (TV bound per node: LANTERN, grouped)")
                     lam = gr.Slider(1.0, 5.0, value=2.0, step=0.25, label="lam (LANTERN++'s cap)")
                     guidance = gr.Slider(0.0, 10.0, value=5.0, step=0.5, label="guidance scale")
-                    seed = gr.Number(value=0, precision=0, label="seed")
+                    seed = gr.Number(value=0, precision=0, minimum=0, maximum=SEED_MAX, label="seed")
                     gen_compare = gr.Checkbox(label="also run autoregressive and exact (speed comparison)",
                                               value=False)
                     gen_btn = gr.Button("Generate", variant="primary", elem_id="generate-button")
@@ -269,10 +345,48 @@ def add_demo_args(p) -> None:
     p.add_argument("--vlm-drafter", default=None, help="drafter for --vlm (default: the built-in target's own)")
     p.add_argument("--gen-drafter", default=None, help="drafter for --gen (default: the built-in target's own)")
     p.add_argument("--device", default=None)
+    p.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                   help=f"ask for this login (for a LAN --host or --share); or set {AUTH_ENV}, which, unlike a "
+                        f"command line, other users of this machine cannot read")
+
+
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not (sep and user and password):
+        raise InputError(f"--auth / {AUTH_ENV} takes USER:PASSWORD, both non-empty")
+    return user, password
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def launch_options(args) -> dict:
+    """What `serve` passes to gradio's launch: this machine only unless --host or --share say otherwise, and then
+    a warning (anyone who reaches the address may run the models) unless a login is asked for."""
+    auth = parse_auth(getattr(args, "auth", None) or os.environ.get(AUTH_ENV))
+    exposed = [f"--host {args.host}"] * (not is_loopback(args.host)) + ["--share"] * bool(args.share)
+    if exposed:
+        logger.warning("the demo is reachable beyond this machine (%s)%s", ", ".join(exposed),
+                       "" if auth else f": anyone who reaches it can run the models; set --auth or {AUTH_ENV}")
+    return {"server_name": args.host, "server_port": args.port, "share": bool(args.share), "auth": auth,
+            "max_file_size": MAX_FILE_SIZE}
+
+
+def queue(app):
+    """One request at a time per model (the events' concurrency_id), at most QUEUE_SIZE waiting."""
+    return app.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
 
 
 def serve(args) -> int:
+    options = launch_options(args)  # before loading the models: a bad --auth costs nothing
     app = build_app(load_demo(args.vlm, args.gen, args.device, args.vlm_drafter, args.gen_drafter))
-    app.queue(default_concurrency_limit=1)
-    app.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_FILE_SIZE)
+    queue(app).launch(**options)
     return 0

@@ -6,7 +6,7 @@
     img = gen.generate_image("a big red circle at the top left", acceptance=mmspec.Lantern(k=8, delta=0.2)).image
 """
 
-from .acceptance import Exact, Grouped, Lantern, LanternPP
+from .acceptance import AcceptanceRule, Exact, Grouped, Lantern, LanternPP
 from .config import SamplingConfig, TreeConfig
 from .drafter import Drafter, DrafterConfig
 from .engine import Stats, StepEvent
@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Acceptance",
+    "AcceptanceRule",
     "DraftTree",
     "Drafter",
     "DrafterConfig",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -42,6 +43,7 @@ class Exact:
 
     relaxed = False  # True for rules that change the output distribution (refused on text targets)
     node_budget = 0.0  # mass the siblings of one node may move together
+    k = 0  # reads no neighbours
 
     def relax(self, residual: Tensor, draft: Tensor, neighbours: Tensor | None, budget: float) -> tuple[Tensor, float]:
         return residual, 0.0
@@ -54,15 +56,53 @@ class Exact:
 EXACT = Exact()
 
 
-def check_rule(rule: object) -> Exact:
-    if not callable(getattr(rule, "relax", None)) or not callable(getattr(rule, "relaxed_mass", None)):
-        raise InputTypeError(f"acceptance must be an acceptance rule such as mmspec.Exact(), got {type(rule).__name__}")
+class AcceptanceRule(Protocol):
+    """Everything the engine reads of an acceptance rule (`acceptance=` takes any object that has it): `Exact`,
+    `Lantern`, `LanternPP`, `Grouped` or a rule of your own. `relaxed`: it changes the output distribution (refused on
+    text targets); `k`: the neighbours per code it reads from the table (0 reads none);
+    `node_budget`: the mass the siblings of one node may move together; `relax` and `relaxed_mass` as above."""
+
+    relaxed: bool
+    k: int
+    node_budget: float
+
+    def relax(self, residual: Tensor, draft: Tensor, neighbours: Tensor | None, budget: float
+              ) -> tuple[Tensor, float]: ...
+
+    def relaxed_mass(self, target_probs: Tensor, tokens: Tensor, neighbours: Tensor | None = None) -> Tensor: ...
+
+
+RULE_METHODS = ("relax", "relaxed_mass")
+
+
+def check_rule(rule: object) -> AcceptanceRule:
+    """The rule, when it has all of AcceptanceRule, else a one-line error naming what it lacks."""
+    what = f"acceptance must be an acceptance rule such as mmspec.Exact() (see mmspec.AcceptanceRule); " \
+           f"{type(rule).__name__}"
+    missing = [m for m in RULE_METHODS if not callable(getattr(rule, m, None))]
+    if missing:
+        raise InputTypeError(f"{what} has no method {', '.join(missing)}")
+    relaxed, k, budget = (getattr(rule, a, None) for a in ("relaxed", "k", "node_budget"))
+    if not isinstance(relaxed, bool):
+        raise InputTypeError(f"{what} needs a bool attribute `relaxed`, got {relaxed!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise InputTypeError(f"{what} needs an integer attribute `k` >= 0 (neighbours it reads), got {k!r}")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:
+        raise InputTypeError(f"{what} needs a number attribute `node_budget` >= 0, got {budget!r}")
     return rule
+
+
+# A relaxed rule's k is a column count of the [V, k] neighbour table kept for the target's life: k = 16383 on a 16k
+# codebook would hold 2.1 GB. LANTERN's own settings stay at or below 1000 (Jang et al., ICLR 2025).
+MAX_K = 1024
 
 
 def _check_k(k: object, name: str) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InputError(f"{name}(k=...) must be an integer >= 1 (neighbours per drafted code), got {k!r}")
+    if k > MAX_K:
+        raise InputError(f"{name}(k={k}) is more than {MAX_K} neighbours per code (the table would be codebook x k "
+                         f"codes, kept in memory); use k <= {MAX_K}")
 
 
 def _check_fraction(value: object, what: str) -> None:

@@ -15,19 +15,16 @@ The calibration images come from the shapes world, not the bench's held-out scen
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from .config import TreeConfig
-from .errors import InputError
-from .target import cache_keep
 from .tree import DraftTree
+from .tuning import (best_shape, cache_file, cache_key, cached_tree, measure_other, read_cache, sync, verify_times,
+                     write_cache)
 from .verify import Acceptance
 
 logger = logging.getLogger(__name__)
@@ -36,70 +33,14 @@ MAX_DEPTH = 7
 TOP_KS = (2, 4, 6, 8)
 TOTALS = (2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
 CALIBRATION_SEED = 7_777_001  # neither a training seed nor the bench's held-out seed
-CACHE_VERSION = 1
-
-
-def cache_file() -> Path:
-    root = os.environ.get("MMSPEC_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmspec"
-    return Path(root) / "tree_auto.json"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
-def cache_key(pipe, source: str) -> str:
-    draft_dtype = next(pipe.drafter.parameters()).dtype
-    parts = (f"v{CACHE_VERSION}", source, str(pipe.device.type), device_name(pipe.device), str(pipe.target.dtype),
-             str(draft_dtype), torch.__version__, f"threads={torch.get_num_threads()}")
-    return " | ".join(parts)
-
-
-def _read_cache(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}  # no cache yet, or an unreadable one: measure again (and rewrite it)
-
-
-def _write_cache(path: Path, key: str, entry: dict) -> None:
-    data = _read_cache(path)
-    data[key] = entry
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        tmp.replace(path)  # atomic: a concurrent reader sees the old file or the new one
-    except OSError as e:
-        logger.warning("could not cache the tuned tree in %s (%s); it will be measured again next time", path, e)
-
-
-def _cached_tree(entry) -> tuple[TreeConfig, dict] | None:
-    """A cache entry as (tree, entry), or None when it is missing, not one this version wrote, or MMSPEC_RETUNE=1 asks
-    for a fresh measurement (a shape tuned while the machine was busy; the new one replaces it)."""
-    if os.environ.get("MMSPEC_RETUNE", "") not in ("", "0"):
-        return None
-    try:
-        return TreeConfig(**{k: entry["tree"][k] for k in ("depth", "top_k", "total_tokens")}), entry
-    except (TypeError, KeyError, InputError):
-        return None
+PROBE_TREE = TreeConfig(depth=4, top_k=4, total_tokens=12)  # the short speculative run that measures `other`
 
 
 def tune_tree(pipe, source: str | None, n_prompts: int = 2, max_new_tokens: int = 48) -> tuple[TreeConfig, dict]:
     """The best shape for `pipe` and what it was chosen from; cached under `source` (None: measure, do not cache)."""
     path = cache_file()
     key = cache_key(pipe, source) if source else None
-    if key and (tree := _cached_tree(_read_cache(path).get(key))) is not None:
+    if key and (tree := cached_tree(read_cache(path).get(key))) is not None:
         return tree
     t0 = time.perf_counter()
     prompts = calibration_prompts(pipe, n_prompts)
@@ -110,32 +51,14 @@ def tune_tree(pipe, source: str | None, n_prompts: int = 2, max_new_tokens: int 
                        "cpu shape, uncached")
         return TreeConfig.preset("cpu"), {"tree": None}
     draft_ms = {k: statistics.mean(r["draft_ms"][k] for r in runs) for k in TOP_KS}
-    other_ms = measure_other(pipe, prompts[0], max_new_tokens)
-    scored = []
-    for k in TOP_KS:
-        for depth in range(1, MAX_DEPTH + 1):
-            for total in TOTALS:
-                if total > 1 + k + (depth - 1) * k * k:
-                    continue
-                tau = statistics.mean(simulate_tau(r["pools"][k], r["tokens"], k, depth, total) for r in runs)
-                step_ms = verify_ms[total] + depth * draft_ms[k] + other_ms
-                scored.append((tau / step_ms, depth, k, total, tau, step_ms))
-    best = max(scored)
-    tree = TreeConfig(depth=best[1], top_k=best[2], total_tokens=best[3])
-    ar_ms = verify_ms[1] + other_ms
-    entry = {
-        "tree": {"depth": tree.depth, "top_k": tree.top_k, "total_tokens": tree.total_tokens},
-        "expected_tau": round(best[4], 3),
-        "expected_speedup": round(best[4] / best[5] * ar_ms, 3),  # steady state, over the same loop without drafts
-        "verify_ms": {str(n): round(v, 3) for n, v in verify_ms.items()},
-        "draft_forward_ms": {str(k): round(v, 3) for k, v in draft_ms.items()},
-        "other_ms": round(other_ms, 3),
-        "device": device_name(pipe.device),
-        "measured_s": round(time.perf_counter() - t0, 1),
-        "date": time.strftime("%Y-%m-%d"),
-    }
+    other_ms = measure_other(pipe, lambda probe: probe.generate(*prompts[0], max_new_tokens=max_new_tokens).stats,
+                             PROBE_TREE)
+    taus = {(k, depth, total): statistics.mean(simulate_tau(r["pools"][k], r["tokens"], k, depth, total) for r in runs)
+            for k in TOP_KS for depth in range(1, MAX_DEPTH + 1) for total in TOTALS
+            if total <= 1 + k + (depth - 1) * k * k}
+    tree, entry = best_shape(taus, verify_ms, draft_ms, other_ms, pipe.device, t0)
     if key:
-        _write_cache(path, key, entry)
+        write_cache(path, key, entry)
     return tree, entry
 
 
@@ -166,38 +89,10 @@ def _rows(pipe, prompt):
     return inputs, Rows.of(pipe.runner, inputs)
 
 
-def measure_verify(pipe, prompt, reps: int = 5) -> dict[int, float]:
+def measure_verify(pipe, prompt) -> dict[int, float]:
     """ms of one target forward over an N-node tree after the prompt, for every N in TOTALS (and 1)."""
-    inputs = pipe.prepare(*prompt)
-    return verify_times(pipe.runner, inputs, pipe.target.get_output_embeddings().weight.shape[0], TOTALS, reps)
-
-
-@torch.no_grad()
-def verify_times(runner, inputs: dict, vocab: int, totals, reps: int = 5) -> dict[int, float]:
-    """Median ms of `runner.verify` over a random N-token chain after the prompt rows `inputs`, for N in 1 + totals;
-    the cache goes back to the prompt after each."""
-    from .engine import Rows
-
-    rows = Rows.of(runner, inputs)
-    pre = runner.prefill(inputs, True, False, rows.positions)
-    past = inputs["input_ids"].shape[1]
-    runner.mask.start(rows.pads)
-    times: dict[int, list[float]] = {}
-    g = torch.Generator().manual_seed(0)
-    for _ in range(reps):
-        for n in (1, *totals):
-            tree = DraftTree.chain(torch.randint(vocab, (n,), generator=g), device=runner.device)
-            t = time.perf_counter()
-            runner.verify(tree, pre.cache, past, rows.next_pos, True)
-            _sync(runner.device)
-            times.setdefault(n, []).append((time.perf_counter() - t) * 1e3)
-            cache_keep(pre.cache, past, torch.tensor([], dtype=torch.long))  # back to the prompt
-    return {n: statistics.median(v) for n, v in times.items()}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    inputs, rows = _rows(pipe, prompt)
+    return verify_times(pipe.runner, inputs, rows, pipe.target.get_output_embeddings().weight.shape[0], TOTALS)
 
 
 @torch.no_grad()
@@ -224,7 +119,7 @@ def teacher_forced_pools(pipe, prompt, max_new_tokens: int) -> dict:
         for j in range(len(g) - 1):
             t = time.perf_counter()
             tokens, parents, scores = proposer.grow(int(rows.next_pos[0]) + j)
-            _sync(pipe.device)
+            sync(pipe.device)
             spent += time.perf_counter() - t
             pools.append((tokens.tolist(), parents.tolist(), scores.tolist()))
             step = Acceptance(path=torch.tensor([0]), tokens=(g[j + 1],))
@@ -250,13 +145,3 @@ def simulate_tau(pools: list, g: list[int], k: int, depth: int, total: int) -> f
         j += run + 1
         steps += 1
     return (len(g) - 1) / max(steps, 1)
-
-
-def measure_other(pipe, prompt, max_new_tokens: int) -> float:
-    """ms per step outside drafting, verifying and the prefill, from a short speculative run."""
-    from .pipeline import Pipeline
-
-    probe = Pipeline(pipe.target, pipe.processor, pipe.adapter, pipe.drafter, TreeConfig(depth=4, top_k=4, total_tokens=12),
-                     pipe.generation_config)
-    stats = probe.generate(*prompt, max_new_tokens=max_new_tokens).stats
-    return stats.other_s * 1e3 / max(stats.target_forwards - 1, 1)

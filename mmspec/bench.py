@@ -7,11 +7,13 @@ included, for every method alike: for hf_assisted through a forward hook on the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 
@@ -29,12 +31,68 @@ HELD_OUT_SEED = 20_261_122  # never used for training data (build_minis uses sma
 
 @dataclass
 class MethodResult:
-    tokens: list[list[int]] = field(default_factory=list)
+    """One method's (or image setting's) totals over the bench's prompts; both benches keep this one record."""
+
+    tokens: list[list[int]] = field(default_factory=list)  # per prompt: the new tokens (an image's codes)
     new_tokens: int = 0
     target_forwards: int = 0
     wall_s: float = 0.0
     peak_mem_mb: float = 0.0
     split_s: dict = field(default_factory=dict)  # engine methods: prefill / draft / verify / other seconds
+    host_syncs_per_step: float | None = None  # engine methods: count_host_syncs of one run per target forward
+
+    def add(self, token_ids: list[int], wall_s: float, target_forwards: int, stats=None) -> None:
+        """One prompt's run; `stats` (mmspec's Stats, engine methods only) adds where the time went."""
+        self.tokens.append(token_ids)
+        self.new_tokens += len(token_ids)
+        self.target_forwards += target_forwards
+        self.wall_s += wall_s
+        if stats is not None:
+            for k, v in (("prefill", stats.prefill_s), ("draft", stats.draft_s), ("verify", stats.verify_s),
+                         ("other", stats.other_s)):
+                self.split_s[k] = self.split_s.get(k, 0.0) + v
+
+    @property
+    def speed(self) -> float:
+        return self.new_tokens / self.wall_s
+
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")  # a tensor's value to the host
+
+
+@contextlib.contextmanager
+def count_host_syncs():
+    """Counts every read of a tensor's value by the host (Tensor.item, tolist, cpu, float(t), int(t), bool(t), ...)
+    while the block runs: on a GPU each is a device sync that stalls the queue of kernels, so the engine should make a
+    small fixed number per step, whatever the tree. Yields a dict whose "n" is the count. On a CPU the same reads are
+    counted (they are what would sync on a GPU). Patches torch.Tensor for the block: not for concurrent use."""
+    counter = {"n": 0}
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counting(original):
+        def read(self, *args, **kwargs):
+            counter["n"] += 1
+            return original(self, *args, **kwargs)
+        return read
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, counting(original))
+    try:
+        yield counter
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def take_turns(names: list, n: int, run: Callable[[object, int], None], warm_up: Callable[[object], None]) -> None:
+    """Warm every method up once (first-call allocations and lazy inits off the clock), then run item k of n for every
+    method, the methods taking turns and the first of them rotating with k, so a slow patch of a noisy machine hits
+    all alike. Both benches and the CLI's --compare time this way."""
+    for name in names:
+        warm_up(name)
+    for k in range(n):
+        for name in names[k % len(names):] + names[: k % len(names)]:
+            run(name, k)
 
 
 def held_out_prompts(n: int, seed: int = HELD_OUT_SEED) -> list[tuple[str, list]]:
@@ -138,7 +196,7 @@ def run_bench(target: str = "mini-vlm", *, n: int = 8, max_new_tokens: int = 128
     hook = base.target.register_forward_pre_hook(lambda *_: forwards.__setitem__("n", forwards["n"] + 1))
     sampling = dict(temperature=temperature, max_new_tokens=max_new_tokens)
 
-    def run(method: str, prompt: str, images, k: int) -> tuple[list[int], float, int, dict]:
+    def run(method: str, prompt: str, images, k: int) -> tuple[list[int], float, int, object]:
         forwards["n"] = 0
         s = seed + k
         if method in ("hf_generate", "hf_assisted"):  # transformers' own generate: the honest baselines
@@ -152,33 +210,28 @@ def run_bench(target: str = "mini-vlm", *, n: int = 8, max_new_tokens: int = 128
             t0 = time.perf_counter()
             out = base.target.generate(**inputs, **kw)
             wall = time.perf_counter() - t0
-            return out[0, inputs["input_ids"].shape[1]:].tolist(), wall, forwards["n"], {}
+            return out[0, inputs["input_ids"].shape[1]:].tolist(), wall, forwards["n"], None
         pipe = base if method == "autoregressive" else pipes[method]
         res = pipe.generate(prompt, images, speculative=method != "autoregressive", seed=s, **sampling)
-        st = res.stats
-        split = {"prefill": st.prefill_s, "draft": st.draft_s, "verify": st.verify_s, "other": st.other_s}
-        return res.token_ids, st.wall_s, forwards["n"], split
+        return res.token_ids, res.stats.wall_s, forwards["n"], res.stats
 
     results = {m: MethodResult() for m in methods}
+    mem: dict[str, PeakMemory] = {}  # made at a method's first timed run: its baseline is after every warm-up
+
+    def timed(m: str, k: int) -> None:
+        with mem.setdefault(m, PeakMemory(base.device)):
+            out = run(m, *prompts[k], k)
+        results[m].add(*out)
+
     try:
         with torch.inference_mode():
-            for m in methods:  # warm-up: first-call allocations and lazy inits off the clock
-                run(m, prompts[0][0], prompts[0][1], 0)
-            mem = {m: PeakMemory(base.device) for m in methods}
-            for k, (prompt, images) in enumerate(prompts):
-                order = methods[k % len(methods):] + methods[: k % len(methods)]
-                for m in order:
-                    with mem[m]:
-                        toks, wall, fw, split = run(m, prompt, images, k)
-                    r = results[m]
-                    for key, v in split.items():
-                        r.split_s[key] = r.split_s.get(key, 0.0) + v
-                    r.tokens.append(toks)
-                    r.new_tokens += len(toks)
-                    r.target_forwards += fw
-                    r.wall_s += wall
+            take_turns(methods, len(prompts), timed, lambda m: run(m, *prompts[0], 0))
             for m in methods:
                 results[m].peak_mem_mb = mem[m].peak
+                if m not in ("hf_generate", "hf_assisted"):  # one more, untimed run: how often the host waits
+                    with count_host_syncs() as syncs:
+                        fw = run(m, *prompts[0], 0)[2]
+                    results[m].host_syncs_per_step = round(syncs["n"] / max(fw, 1), 2)
     finally:
         hook.remove()
 
@@ -208,6 +261,7 @@ def method_rows(results: dict[str, MethodResult], greedy: bool) -> dict[str, dic
             "peak_mem_mb": round(r.peak_mem_mb, 1),
             "new_tokens": r.new_tokens,
             "target_forwards": r.target_forwards,
+            "host_syncs_per_step": r.host_syncs_per_step,
         }
         if r.split_s:  # where a step's time goes: per target forward, in milliseconds
             steps = max(r.target_forwards, 1)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .acceptance import Exact, Grouped, Lantern, LanternPP
+from .bench import MethodResult, count_host_syncs, take_turns
 from .config import AutoTreeConfig, TreeConfig
 from .errors import InputError, MissingInputError
 from .jacobi import JacobiConfig
@@ -37,30 +38,21 @@ SWEEP += [(Grouped(k=8, delta=d), JACOBI) for d in (0.1, 0.5)] + [(Exact(), Jaco
                                                                   (Exact(), JacobiConfig(coupled=False))]
 
 
+QUALITY_KEYS = ("faithfulness", "clip_score", "fid")  # null in the JSON under --no-quality
+
+
 @dataclass
-class Setting:
-    rule: object
-    draft: str | JacobiConfig | None  # None: autoregressive
-    codes: list[list[int]] = field(default_factory=list)
+class Setting(MethodResult):
+    """One setting's results: the bench's one record (bench.MethodResult), plus the rule, what drafts, and the images
+    for quality."""
+
+    rule: object = None
+    draft: str | JacobiConfig | None = None  # None: autoregressive
     images: list = field(default_factory=list)
-    new_tokens: int = 0
-    target_forwards: int = 0
-    wall_s: float = 0.0
-    split_s: dict = field(default_factory=dict)
 
-    def add(self, res) -> None:
-        st = res.stats
-        self.codes.append(res.token_ids)
+    def add_image(self, res) -> None:
         self.images.append(res.image)
-        self.new_tokens += st.new_tokens
-        self.target_forwards += st.target_forwards
-        self.wall_s += st.wall_s
-        for k, v in (("prefill", st.prefill_s), ("draft", st.draft_s), ("verify", st.verify_s), ("other", st.other_s)):
-            self.split_s[k] = self.split_s.get(k, 0.0) + v
-
-    @property
-    def speed(self) -> float:
-        return self.new_tokens / self.wall_s
+        self.add(res.token_ids, res.stats.wall_s, res.stats.target_forwards, res.stats)
 
     @property
     def kwargs(self) -> dict:
@@ -87,37 +79,43 @@ def held_out_gen_prompts(n: int) -> list[dict]:
 
 
 def _settings(sweep: bool, has_drafter: bool) -> dict[str, Setting]:
-    out = {name: Setting(rule, draft) for name, (rule, draft) in HEADLINE.items()}
+    out = {name: Setting(rule=rule, draft=draft) for name, (rule, draft) in HEADLINE.items()}
     if sweep:
-        out.update({s.name: s for s in (Setting(rule, draft) for rule, draft in SWEEP)})
+        out.update({s.name: s for s in (Setting(rule=rule, draft=draft) for rule, draft in SWEEP)})
     return {k: v for k, v in out.items() if has_drafter or v.draft != "drafter"}
 
 
 def run_image_bench(target: str = "mini-gen", *, n: int = 16, guidance_scale: float = 5.0, temperature: float = 1.0,
                     device: str | None = None, dtype: str | None = None, tree_preset: str | None = None,
-                    seed: int = 0, sweep: bool = True, quality: bool = True) -> dict:
+                    seed: int = 0, sweep: bool = True, quality: bool = True, draft_dtype: str | None = None) -> dict:
     from . import load
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe = load(target, device=dev, dtype=dtype, tree=TreeConfig.preset(tree_preset or "auto"))
+    pipe = load(target, device=dev, dtype=dtype, tree=TreeConfig.preset(tree_preset or "auto"), draft_dtype=draft_dtype)
     records = held_out_gen_prompts(n)
     settings = _settings(sweep, pipe.drafter is not None)
     pipe.tune([s.rule for s in settings.values() if s.draft == "drafter"])  # one calibration for every rule (auto)
     kw = dict(guidance_scale=guidance_scale, temperature=temperature)
-    names = list(settings)
+
+    def run(name: str, k: int):
+        s = settings[name]
+        return pipe.generate_image(records[k]["prompt"], **kw, seed=seed + k, **s.kwargs)
+
     with torch.inference_mode():
-        for s in settings.values():  # warm-up: first-call allocations and lazy inits off the clock
-            pipe.generate_image(records[0]["prompt"], **kw, seed=seed, **s.kwargs)
-        for k, rec in enumerate(records):
-            for name in names[k % len(names):] + names[: k % len(names)]:
-                s = settings[name]
-                s.add(pipe.generate_image(rec["prompt"], **kw, seed=seed + k, **s.kwargs))
+        take_turns(list(settings), len(records), lambda name, k: settings[name].add_image(run(name, k)),
+                   lambda name: run(name, 0))
+        for name in (n for n in HEADLINE if n in settings):  # one more, untimed run each: how often the host waits
+            with count_host_syncs() as syncs:
+                forwards = run(name, 0).stats.target_forwards
+            settings[name].host_syncs_per_step = round(syncs["n"] / max(forwards, 1), 2)
         greedy = {m: [pipe.generate_image(r["prompt"], guidance_scale=guidance_scale, temperature=0.0,
                                           **settings[m].kwargs).token_ids for r in records]
                   for m in ("autoregressive", "exact", "sjd") if m in settings}
     scores = _quality(settings, records) if quality else {}
     lossless = {m: codes == greedy["autoregressive"] for m, codes in greedy.items()}
     report = _report(target, pipe, n, kw, settings, scores, lossless)
+    if pipe.drafter is not None:
+        report["draft_dtype"] = str(next(pipe.drafter.parameters()).dtype).removeprefix("torch.")
     print_image_table(report)
     return report
 
@@ -145,10 +143,12 @@ def _report(target, pipe, n, kw, settings, scores, lossless) -> dict:
     ex = settings["exact"].speed if "exact" in settings else None
     rows, sweep = {}, []
     for name, s in settings.items():
+        quality = scores.get(name, dict.fromkeys(QUALITY_KEYS))  # no scores (--no-quality): the keys, null
         row = {"tokens_per_s": round(s.speed, 2), "mean_accepted": round(s.new_tokens / max(s.target_forwards, 1), 3),
                "speedup": round(s.speed / ar, 3), "speedup_over_exact": round(s.speed / ex, 3) if ex else None,
-               **{k: (None if v is None else round(v, 4)) for k, v in scores.get(name, {}).items()},
+               **{k: (None if v is None else round(v, 4)) for k, v in quality.items()},
                "ms_per_step": {k: round(1e3 * v / max(s.target_forwards, 1), 3) for k, v in s.split_s.items()},
+               "host_syncs_per_step": s.host_syncs_per_step,
                "tree": asdict(pipe.tree_for(s.rule)) if s.draft == "drafter" else None,
                "jacobi": asdict(s.draft) if isinstance(s.draft, JacobiConfig) else None}
         if name in HEADLINE:

@@ -14,8 +14,8 @@ from .errors import InputError, UserError
 
 # Only bad input becomes the one-line, exit-2 error; anything else is a bug and keeps its traceback.
 USER_ERRORS = (UserError,)
-COMPARE_ROUNDS = 3
-IMAGE_TARGETS = ("mini-gen",)  # built-in image generators: `mmspec bench` runs the image bench on them  # --compare: timed runs of each method, alternating; the best of each is reported
+COMPARE_ROUNDS = 3  # --compare: timed runs of each method, taking turns; the best of each is reported
+IMAGE_TARGETS = ("mini-gen",)  # built-in image generators: `mmspec bench` runs the image bench on them
 
 
 class Parser(argparse.ArgumentParser):
@@ -43,6 +43,17 @@ def _nonneg_float(s: str) -> float:
     return v
 
 
+def _seed(s: str) -> int:
+    """A seed torch can take: an integer in [0, 2**64) (past it torch overflows with a traceback)."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {s!r}") from None
+    if not 0 <= v < 2**64:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**64), got {s!r}")
+    return v
+
+
 DTYPES = ("float32", "bfloat16", "float16")  # what mmspec.load accepts (pipeline._as_dtype); mmspec stays lazy here
 
 
@@ -56,14 +67,14 @@ def _add_model_args(p: argparse.ArgumentParser, drafter: bool = True) -> None:
                    help="the drafters' dtype (default: the target's; beside an fp32 target on a CPU with native "
                    "bf16, the faster of fp32 and bfloat16 there)")
     p.add_argument("--tree", default=None, help="tree preset: auto, chain, cpu, default, gpu (default: auto, measured for "
-                   "the target, drafter and machine once and cached, for VLMs; cpu on CPU, gpu on CUDA for images)")
+                   "the target, drafter and machine once and cached; for image generators per acceptance rule)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--temperature", type=_nonneg_float, default=temperature)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=_seed, default=None)
 
 
 def _add_generate_image_parser(sub) -> None:
@@ -83,7 +94,7 @@ def _add_generate_image_parser(sub) -> None:
                      help="what drafts codes: the trained drafter's tree, or training-free Jacobi windows "
                           "(default: the drafter when the target has one, else jacobi)")
     gen.add_argument("--window", type=_positive_int, default=None, help="codes per Jacobi window (default 16)")
-    gen.add_argument("--guidance-scale", type=float, default=5.0)
+    gen.add_argument("--guidance-scale", type=float, default=5.0)  # checked by the library: finite, >= 0
     _add_sampling_args(gen, temperature=1.0)
     gen.add_argument("--compare", action="store_true", help="also generate without drafting and print both speeds")
     gen.add_argument("--force", action="store_true", help="overwrite --out if it exists")
@@ -105,14 +116,16 @@ def build_parser() -> Parser:
     bench = sub.add_parser("bench", help="compare autoregressive, hf_assisted, eagle and vispec decoding")
     _add_model_args(bench, drafter=False)
     bench.add_argument("--n", type=_positive_int, default=8, help="number of held-out prompts")
-    bench.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    bench.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                       help="VLM targets (default 128); an image generator writes its fixed number of codes")
     bench.add_argument("--temperature", type=_nonneg_float, default=None, help="default 0 (VLMs), 1 (image generators)")
-    bench.add_argument("--guidance-scale", type=float, default=5.0, help="image generators: the CFG scale")
-    bench.add_argument("--no-sweep", dest="sweep", action="store_false", help="image generators: skip the sweeps (LANTERN settings, Jacobi windows and rules)")
+    bench.add_argument("--guidance-scale", type=_nonneg_float, default=5.0, help="image generators: the CFG scale")
+    bench.add_argument("--no-sweep", dest="sweep", action="store_false",
+                       help="image generators: skip the sweeps (LANTERN settings, Jacobi windows and rules)")
     bench.add_argument("--no-quality", dest="quality", action="store_false",
                        help="image generators: skip faithfulness / CLIP / FID (speed only)")
     bench.add_argument("--methods", default=None, help="comma-separated subset of methods to run")
-    bench.add_argument("--seed", type=int, default=0, help="sampling seed of the first prompt (prompt k: seed + k)")
+    bench.add_argument("--seed", type=_seed, default=0, help="sampling seed of the first prompt (prompt k: seed + k)")
     bench.add_argument("--json", type=Path, default=None, help="write the results here")
     bench.add_argument("--plot", type=Path, default=None, help="image generators: speedup vs faithfulness PNG")
 
@@ -134,7 +147,7 @@ def build_parser() -> Parser:
     tr.add_argument("--batch-size", type=_positive_int, default=8)
     tr.add_argument("--grad-accum", type=_positive_int, default=1)
     tr.add_argument("--lr", type=float, default=3e-4)
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--seed", type=_seed, default=0)
     tr.add_argument("--ttt-steps", type=_positive_int, default=3, help="training-time-test unroll depth (EAGLE-3)")
     tr.add_argument("--eval-fraction", type=float, default=0.05)
     tr.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
@@ -209,10 +222,9 @@ def cmd_caption(args) -> int:
     _print_tree(pipe)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
               seed=args.seed)
-    modes = (True, False) if args.compare else (True,)
-    for speculative in modes:  # warm-up: first-call allocations and lazy inits off the clock, for both methods alike
-        pipe.generate(args.prompt, images, **{**kw, "max_new_tokens": 4}, speculative=speculative)
-    runs = _timed_runs(pipe, args.prompt, images, kw, modes, COMPARE_ROUNDS if args.compare else 1)
+    runs = _compare(lambda speculative, short=False: pipe.generate(
+        args.prompt, images, **{**kw, "max_new_tokens": 4 if short else kw["max_new_tokens"]}, speculative=speculative),
+        args.compare)
     res = runs[True][0]
     print(res.text)
     s = max((r.stats for r in runs[True]), key=lambda st: st.tokens_per_s)
@@ -229,13 +241,16 @@ def cmd_caption(args) -> int:
     return 0
 
 
-def _timed_runs(pipe, prompt, images, kw: dict, modes: tuple, rounds: int) -> dict:
-    """{speculative: [result of each round]}. The methods alternate, and which goes first alternates too, so a machine
-    that speeds up or slows down during the runs (caches, clocks, neighbours) treats both alike."""
+def _compare(run, compare: bool) -> dict:
+    """{speculative: [result of each round]} of `run(speculative, short=False)`: with --compare a short warm-up of
+    each method, then COMPARE_ROUNDS rounds taking turns (bench.take_turns), so a machine that speeds up or slows down
+    during the runs (caches, clocks, neighbours) treats both alike; without it, one speculative run."""
+    from .bench import take_turns
+
+    modes = (True, False) if compare else (True,)
     runs = {m: [] for m in modes}
-    for r in range(rounds):
-        for speculative in modes if r % 2 == 0 else modes[::-1]:
-            runs[speculative].append(pipe.generate(prompt, images, **kw, speculative=speculative))
+    take_turns(list(modes), COMPARE_ROUNDS if compare else 1, lambda m, _: runs[m].append(run(m)),
+               lambda m: run(m, short=True) if compare else None)
     return runs
 
 
@@ -295,14 +310,8 @@ def cmd_generate_image(args) -> int:
     draft = pipe.drafting(drafting(args))
     kw = dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               seed=args.seed, acceptance=rule, draft=draft)
-    modes = (True, False) if args.compare else (True,)
-    if args.compare:  # warm-up: first-call allocations and lazy inits off the clock, for both methods alike
-        for speculative in modes:
-            pipe.generate_image(args.prompt, **kw, speculative=speculative)
-    runs = {m: [] for m in modes}
-    for r in range(COMPARE_ROUNDS if args.compare else 1):  # alternating, as caption --compare
-        for speculative in modes if r % 2 == 0 else modes[::-1]:
-            runs[speculative].append(pipe.generate_image(args.prompt, **kw, speculative=speculative))
+    runs = _compare(lambda speculative, short=False: pipe.generate_image(args.prompt, **kw, speculative=speculative),
+                    args.compare)
     res = runs[True][0]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -329,26 +338,42 @@ def cmd_bench(args) -> int:
     methods = args.methods.split(",") if args.methods else None
     if args.json:
         _write_json(args.json, None)  # a --json that cannot be written fails now, not after the whole bench
+    _check_bench_flags(args, methods)
     if args.target in IMAGE_TARGETS:
         from .bench_image import run_image_bench
 
-        if methods:
-            raise InputError("--methods applies to VLM targets; an image bench runs every rule (--no-sweep to cut it)")
         report = run_image_bench(args.target, n=args.n, guidance_scale=args.guidance_scale,
                                  temperature=1.0 if args.temperature is None else args.temperature, device=args.device,
                                  dtype=args.dtype, tree_preset=args.tree, seed=args.seed, sweep=args.sweep,
-                                 quality=args.quality)
+                                 quality=args.quality, draft_dtype=args.draft_dtype)
         if args.plot:
             from .bench_image import plot_tradeoff
 
             print(f"wrote {plot_tradeoff(report, args.plot)}")
     else:
-        report = run_bench(args.target, n=args.n, max_new_tokens=args.max_new_tokens,
+        report = run_bench(args.target, n=args.n, max_new_tokens=args.max_new_tokens or 128,
                            temperature=args.temperature or 0.0, device=args.device, dtype=args.dtype,
                            tree_preset=args.tree, methods=methods, draft_dtype=args.draft_dtype, seed=args.seed)
     if args.json:
         _write_json(args.json, report)
     return 0
+
+
+def _check_bench_flags(args, methods) -> None:
+    """Each bench reads only its own flags: one the chosen bench would ignore is refused before anything runs."""
+    if args.target in IMAGE_TARGETS:
+        stray = [f for f, given in (("--methods", methods), ("--max-new-tokens", args.max_new_tokens)) if given]
+        if stray:
+            raise InputError(f"{', '.join(stray)} applies to VLM targets; an image bench runs every rule for the "
+                             f"target's fixed number of codes (--no-sweep cuts the sweep)")
+        if args.plot and not args.quality:
+            raise InputError("--plot draws speedup against faithfulness, which --no-quality skips; drop one")
+        return
+    stray = [f for f, given in (("--plot", args.plot), ("--no-sweep", not args.sweep), ("--no-quality", not args.quality))
+             if given]
+    if stray:
+        raise InputError(f"{', '.join(stray)} applies to image generators (e.g. --target mini-gen), not to "
+                         f"{args.target!r}")
 
 
 def _write_json(path: Path, obj) -> None:

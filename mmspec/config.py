@@ -62,9 +62,10 @@ class TreeConfig:
 
 @dataclass(frozen=True)
 class AutoTreeConfig(TreeConfig):
-    """`TreeConfig.preset("auto")`: `mmspec.load` replaces it with the shape measured fastest for its pipeline (cached
-    per target, drafter and machine). Where nothing measures it (a Pipeline built by hand, an image generator) it is
-    the `cpu` shape it was built with."""
+    """`TreeConfig.preset("auto")`: the shape measured fastest for the pipeline, cached per target, drafter and machine:
+    `mmspec.load` measures a text or VLM target's at once (mmspec.autotune), an image generator's per acceptance rule
+    on first use (mmspec.image_autotune). Where nothing measures it (a pipeline built by hand, with no tuner) it is the
+    `cpu` shape it was built with."""
 
 
 TREE_PRESETS = {
@@ -106,13 +107,24 @@ def check_max_new_tokens(n: object) -> int:
     return n
 
 
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes an unsigned 64-bit seed; past it torch overflows
+
+
+def check_seed(seed: object) -> int | None:
+    """None, or an integer in [0, 2**64): what a torch.Generator can be seeded with."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise InputError(f"seed must be an integer in [0, 2**64) or None, got {seed!r}")
+    return seed
+
+
 def seeded_generator(device, seed: int | None):
-    """The one torch.Generator a generation draws from: seeded when `seed` is given, else from OS entropy."""
+    """The one torch.Generator a generation draws from, seeded with `seed`. seed=None draws the seed from torch's
+    global generator, as transformers' generate samples from it: `torch.manual_seed(s)` then fixes the output too."""
     import torch
 
-    generator = torch.Generator(device=device)
+    seed = check_seed(seed)
     if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(int(seed))
-    return generator
+        seed = int(torch.randint(0, 2**62, ()))  # a CPU draw: no device sync
+    return torch.Generator(device=device).manual_seed(seed)

@@ -3,7 +3,8 @@
     prefill -> first token -> [propose tree -> verify (all rows, one forward) -> combine rows -> process per node
                                -> accept -> keep accepted KV -> commit]*
 
-Each turn of the bracket yields a StepEvent. Stopping matches transformers' generate: a token in the generation config's
+Each turn of the bracket yields a StepEvent. Stats.wall_s is the engine's own time: whatever the consumer does while it
+holds an event (decoding text, rendering a page) is left out, so a streamed run and `generate` are timed alike. Stopping matches transformers' generate: a token in the generation config's
 EOS set ends the output (and is included), even when it lands in the middle of an accepted path; max_new_tokens cuts
 exactly.
 """
@@ -21,6 +22,7 @@ from .processing import NodeProcessor
 from .proposer import PromptContext
 from .target import Prefill, TargetRunner, cache_keep
 from .tree import DraftTree
+from .tuning import sync  # the split into draft / verify needs the work to have finished
 from .verify import Acceptor
 
 
@@ -74,12 +76,6 @@ class StepEvent:
     path: tuple[int, ...] = ()  # its accepted nodes, root first (what a demo draws)
 
 
-def _sync(device: torch.device) -> None:
-    # Honest timing on an asynchronous device: the split into draft / verify needs the work to have finished.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 Combine = Callable[[Tensor], Tensor]  # [B, T, V] logits of the rows -> [T, V] the acceptance rule sees
 
 
@@ -125,7 +121,18 @@ class Rows:
         return out
 
 
-def decode(
+def decode(*args, **kwargs) -> Iterator[StepEvent]:
+    """The loop (`steps`, same arguments), timed as the engine's own work: Stats.wall_s leaves out the time the consumer
+    holds each event (decoding text, rendering a page), so a streamed run is timed as `generate` is."""
+    held = 0.0
+    for event in steps(*args, **kwargs):
+        event.stats.wall_s -= held  # the loop sets wall_s afresh each step, from its start: take out all held so far
+        t = time.perf_counter()
+        yield event
+        held += time.perf_counter() - t
+
+
+def steps(
     runner: TargetRunner,
     proposer,
     inputs: dict,
@@ -150,7 +157,7 @@ def decode(
     if process:
         scores = process(root_tree, scores, rows.prompt_ids[:-1])
     token = accept(root_tree, scores).bonus
-    _sync(dev)
+    sync(dev)
     stats.prefill_s = time.perf_counter() - t0
     stats.target_forwards = 1
     stats.new_tokens = 1
@@ -173,10 +180,10 @@ def decode(
         t_step = time.perf_counter()
         drafted_before = proposer.forwards
         tree: DraftTree = proposer.propose(root, int(root_pos[0]))
-        _sync(dev)
+        sync(dev)
         t_draft = time.perf_counter()
         logits, hidden = runner.verify(tree, cache, past, root_pos, want_hidden)
-        _sync(dev)
+        sync(dev)
         t_verify = time.perf_counter()
         scores = combine(logits)
         if process:

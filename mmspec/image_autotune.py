@@ -1,5 +1,5 @@
 """`TreeConfig.preset("auto")` for image generators: the draft-tree shape with the most codes per second for one target,
-drafter, acceptance rule and machine, measured once and cached (in autotune.cache_file, beside the text entries).
+drafter, acceptance rule and machine, measured once and cached (in tuning.cache_file, beside the text entries).
 
 Codes per second of a shape = E[codes per step] / (verify(total_tokens) + depth * draft_forward(top_k) + other).
 
@@ -25,12 +25,12 @@ import time
 import torch
 from torch import Tensor
 
-from .autotune import (_cached_tree, _read_cache, _sync, _write_cache, cache_file, cache_key, device_name,
-                       verify_times)
 from .config import SamplingConfig, TreeConfig
 from .engine import Rows
 from .target import cache_keep
 from .tree import DraftTree
+from .tuning import (best_shape, cache_file, cache_key, cached_tree, measure_other, read_cache, sync, verify_times,
+                     write_cache)
 from .verify import Acceptance, sibling_test, warp
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ TOTALS = (2, 3, 4, 6, 8, 12, 16, 24, 32)
 CALIBRATION = {"guidance_scale": 5.0, "temperature": 1.0}
 CALIBRATION_SEED = 7_777_002
 MAX_POSITIONS = 96  # codes walked per prompt: enough for the statistics, bounded for 576-code targets
+PROBE_TREE = TreeConfig(depth=3, top_k=4, total_tokens=10)  # the one speculative image that measures `other`
 
 
 def expected_accepted(parents: list[int], tokens: Tensor, probs: Tensor, rule, neighbours: Tensor | None) -> list[float]:
@@ -121,9 +122,9 @@ def tune_image_trees(pipe, rules: list, source: str | None) -> dict:
     measure, do not cache). One calibration serves every rule not found in the cache."""
     path, out = cache_file(), {}
     keys = [cache_key(pipe, f"{source} | {rule!r} | {CALIBRATION}") if source else None for rule in rules]
-    cached = _read_cache(path)
+    cached = read_cache(path)
     for rule, key in zip(rules, keys):
-        if key and (hit := _cached_tree(cached.get(key))) is not None:
+        if key and (hit := cached_tree(cached.get(key))) is not None:
             out[repr(rule)] = hit
     todo = [(rule, key) for rule, key in zip(rules, keys) if repr(rule) not in out]
     if not todo:
@@ -133,30 +134,13 @@ def tune_image_trees(pipe, rules: list, source: str | None) -> dict:
     verify_ms = measure_verify(pipe, prompt)
     cal = calibrate(pipe)
     draft_ms = {k: cal.draft_s[k] * 1e3 / max(cal.draft_forwards, 1) for k in TOP_KS}
-    other_ms = measure_other(pipe, prompt)
+    other_ms = measure_other(pipe, lambda probe: probe.generate_image(prompt, seed=0, **CALIBRATION).stats, PROBE_TREE)
     for rule, key in todo:
         neighbours = pipe.neighbours_for(rule.k) if rule.relaxed else None
-        scored = []
-        for (k, depth, total), tau in cal.shape_taus(rule, neighbours).items():
-            step_ms = verify_ms[total] + depth * draft_ms[k] + other_ms
-            scored.append((tau / step_ms, depth, k, total, tau, step_ms))
-        best = max(scored)
-        tree = TreeConfig(depth=best[1], top_k=best[2], total_tokens=best[3])
-        entry = {
-            "tree": {"depth": tree.depth, "top_k": tree.top_k, "total_tokens": tree.total_tokens},
-            "rule": repr(rule),
-            "expected_tau": round(best[4], 3),
-            "expected_speedup": round(best[4] / best[5] * (verify_ms[1] + other_ms), 3),  # over the loop without drafts
-            "verify_ms": {str(n): round(v, 3) for n, v in verify_ms.items()},
-            "draft_forward_ms": {str(k): round(v, 3) for k, v in draft_ms.items()},
-            "other_ms": round(other_ms, 3),
-            "calibration": {**CALIBRATION, "positions": len(cal.positions)},
-            "device": device_name(pipe.device),
-            "measured_s": round(time.perf_counter() - t0, 1),
-            "date": time.strftime("%Y-%m-%d"),
-        }
+        tree, entry = best_shape(cal.shape_taus(rule, neighbours), verify_ms, draft_ms, other_ms, pipe.device, t0)
+        entry.update(rule=repr(rule), calibration={**CALIBRATION, "positions": len(cal.positions)})
         if key:
-            _write_cache(path, key, entry)
+            write_cache(path, key, entry)
         out[repr(rule)] = (tree, entry)
     return out
 
@@ -164,17 +148,7 @@ def tune_image_trees(pipe, rules: list, source: str | None) -> dict:
 def measure_verify(pipe, prompt: str) -> dict[int, float]:
     """ms of one target forward of both CFG rows over an N-node tree after the prompt, for N in TOTALS (and 1)."""
     rows_in, _ = pipe.rows_and_combine(prompt, CALIBRATION["guidance_scale"])
-    return verify_times(pipe.runner, rows_in, pipe.codebook_size, TOTALS)
-
-
-def measure_other(pipe, prompt: str) -> float:
-    """ms per step outside drafting, verifying and the prefill, from one speculative image with a mid-sized tree."""
-    from .image_pipeline import ImagePipeline
-
-    probe = ImagePipeline(pipe.target, pipe.processor, pipe.adapter, pipe.drafter,
-                          TreeConfig(depth=3, top_k=4, total_tokens=10))
-    stats = probe.generate_image(prompt, seed=0, **CALIBRATION).stats
-    return stats.other_s * 1e3 / max(stats.target_forwards - 1, 1)
+    return verify_times(pipe.runner, rows_in, Rows.of(pipe.runner, rows_in), pipe.codebook_size, TOTALS)
 
 
 @torch.no_grad()
@@ -206,7 +180,7 @@ def _walk(pipe, prompt: str, codes: list[int], sampling: SamplingConfig, cal: _C
         for k, proposer in proposers.items():
             t = time.perf_counter()
             tokens, parents, scores = proposer.grow(int(root_pos[0]))
-            _sync(pipe.device)
+            sync(pipe.device)
             cal.draft_s[k] += time.perf_counter() - t
             ranked = _rankings(scores, k)
             picked = {c for r in ranked.values() for c in r}

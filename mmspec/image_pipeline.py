@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -21,7 +22,7 @@ from PIL import Image
 from torch import Tensor
 from transformers import BatchFeature, LogitsProcessorList
 
-from .acceptance import EXACT, Exact, check_rule
+from .acceptance import EXACT, AcceptanceRule, check_rule
 from .config import AutoTreeConfig, SamplingConfig, TreeConfig, seeded_generator
 from .drafter import Drafter
 from .engine import Stats, StepEvent, decode, first_row, guidance
@@ -70,16 +71,20 @@ def neighbour_table(codebook: Tensor, k: int, chunk: int = 1024) -> Tensor:
 
 
 def check_guidance(scale: object) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0:
-        raise InputError(f"guidance_scale must be a number >= 0 (1 = no guidance, Janus uses 5), got {scale!r}")
+    # finite too: an infinite scale turns every guided logit into inf - inf = NaN
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < math.inf:
+        raise InputError(f"guidance_scale must be a finite number >= 0 (1 = no guidance, Janus uses 5), got {scale!r}")
     return float(scale)
 
 
 class ImagePipeline:
     def __init__(self, target, processor, adapter, drafter: Drafter | None, tree: TreeConfig,
-                 source: str | None = None) -> None:
+                 source: str | None = None, tuner: Callable | None = None) -> None:
         self.target = target
         self.source = source  # where target and drafter came from: the auto tree's cache key (None: not cached)
+        # (pipe, rules, source) -> {repr(rule): (TreeConfig, record)}: what measures the `auto` tree of a rule;
+        # mmspec.load gives image_autotune.tune_image_trees. None: `auto` stays the shape it was built with.
+        self.tuner = tuner
         self.tuned: dict = {}  # repr(acceptance rule) -> (TreeConfig, tuning record), under TreeConfig.preset("auto")
         self.processor = processor
         self.adapter = adapter
@@ -141,7 +146,7 @@ class ImagePipeline:
 
     # ---- generation ----------------------------------------------------------------------------------------------
     def _events(self, prompt: str, guidance_scale: float = 5.0, temperature: float = 1.0, top_k: int = 0,
-                top_p: float = 1.0, seed: int | None = None, acceptance: Exact = EXACT,
+                top_p: float = 1.0, seed: int | None = None, acceptance: AcceptanceRule = EXACT,
                 speculative: bool = True, draft: str | JacobiConfig | None = None) -> Iterator[StepEvent]:
         scale = check_guidance(guidance_scale)
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -194,7 +199,7 @@ class ImagePipeline:
         both = self.drafter.config.draft_rows == 2 and scale != 1.0
         return EagleProposer(self.drafter, tree, guidance(scale) if both else None)
 
-    def tree_for(self, acceptance: Exact = EXACT) -> TreeConfig:
+    def tree_for(self, acceptance: AcceptanceRule = EXACT) -> TreeConfig:
         """The tree generate_image drafts with under `acceptance`: the pipeline's own, or with
         `TreeConfig.preset("auto")` the shape measured fastest for this rule on this machine (mmspec.image_autotune,
         measured on first use, cached on disk)."""
@@ -202,16 +207,21 @@ class ImagePipeline:
             return self.tree
         if repr(acceptance) not in self.tuned:
             self.tune([acceptance])
-        return self.tuned[repr(acceptance)][0]
+        return self.tuned[repr(acceptance)][0] if repr(acceptance) in self.tuned else self.tree
+
+    def with_tree(self, tree: TreeConfig) -> "ImagePipeline":
+        """This pipeline (the same models) drafting with a fixed `tree`: what a tuner probes with. It has its own
+        runner (the mask state of a generation), so it may run beside this one (a demo request beside a tuner)."""
+        clone = copy.copy(self)
+        clone.tree, clone.tuned, clone.runner = tree, {}, ImageRunner(self.target, self.adapter)
+        return clone
 
     def tune(self, rules: list) -> None:
         """Measure (or read from the cache) the auto tree of several rules with one calibration."""
-        from .image_autotune import tune_image_trees
-
         todo = list({repr(r): r for r in rules if repr(r) not in self.tuned}.values())
-        if not todo or not isinstance(self.tree, AutoTreeConfig) or self.drafter is None:
+        if not todo or not isinstance(self.tree, AutoTreeConfig) or self.drafter is None or self.tuner is None:
             return
-        for name, (tree, entry) in tune_image_trees(self, todo, self.source).items():
+        for name, (tree, entry) in self.tuner(self, todo, self.source).items():
             self.tuned[name] = (tree, entry)
             logger.info("tree auto for %s: depth %d, top_k %d, total_tokens %d (expected tau %.2f, %.2fx)", name,
                         tree.depth, tree.top_k, tree.total_tokens, entry.get("expected_tau", 0),
@@ -232,7 +242,7 @@ class ImagePipeline:
             yield ImageStreamEvent(ev.token_ids, ev.num_accepted, image, ev.stats, ev.tree, ev.path)
 
     def generate_image(self, prompt: str, *, guidance_scale: float = 5.0, temperature: float = 1.0, top_k: int = 0,
-                       top_p: float = 1.0, seed: int | None = None, acceptance: Exact = EXACT,
+                       top_p: float = 1.0, seed: int | None = None, acceptance: AcceptanceRule = EXACT,
                        speculative: bool = True, draft: str | JacobiConfig | None = None) -> ImageResult:
         """Generate one image. `Exact()` at temperature 0 gives the codes of the target's own greedy CFG generate
         (`generate(**prepare(p), generation_mode="image", do_sample=False, guidance_scale=s)`), above it the target's

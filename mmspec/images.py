@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -9,9 +10,22 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import InputError, InputTypeError, MissingInputError
 
+# The most pixels an input image may have: 8192 x 8192 is far more than any VLM's processor keeps (Qwen2-VL's default
+# max_pixels is 12.8 M; LLaVA resizes to 336 or 672 px), yet bounds the decode to ~200 MB of RGB. PIL's own bomb guard
+# only warns up to ~179 M pixels, and past that raises its DecompressionBombError, which is no UserError.
+MAX_PIXELS = 8192 * 8192
+
+
+def check_pixels(width: int, height: int, what: str) -> None:
+    """Refuse an image over MAX_PIXELS before it is decoded (a PNG of a few hundred KB can hold 200 M pixels)."""
+    if width * height > MAX_PIXELS:
+        raise InputError(f"{what} is {width}x{height} = {width * height / 1e6:.0f} M pixels, more than the "
+                         f"{MAX_PIXELS / 1e6:.0f} M mmspec reads; downscale it first")
+
 
 def load_image(image: Any) -> Image.Image:
     if isinstance(image, Image.Image):
+        check_pixels(*image.size, "the image")
         return image.convert("RGB") if image.mode != "RGB" else image
     if isinstance(image, (str, Path)):
         path = Path(image)
@@ -20,9 +34,16 @@ def load_image(image: Any) -> Image.Image:
         if not path.is_file():
             raise MissingInputError(f"image file {str(path)!r} does not exist")
         try:
-            with Image.open(path) as im:
+            with warnings.catch_warnings():  # PIL's bomb warning: refused below with a clearer message
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(path)
+            with im:
+                check_pixels(*im.size, f"image {str(path)!r}")  # from the header, before decoding
                 im.load()  # decode now: a truncated file fails here, not deep inside the processor
                 return im.convert("RGB")
+        except Image.DecompressionBombError:  # past twice PIL's limit it refuses to open at all
+            raise InputError(f"image {str(path)!r} has more than {MAX_PIXELS / 1e6:.0f} M pixels, more than mmspec "
+                             f"reads; downscale it first") from None
         except (UnidentifiedImageError, OSError, SyntaxError) as e:  # unreadable, truncated, no permission
             raise InputError(f"cannot read image {str(path)!r}: {e} (expected a complete PNG, JPEG or other PIL-readable file)") from None
     if hasattr(image, "__array_interface__") or type(image).__module__.startswith("torch"):
@@ -33,6 +54,7 @@ def load_image(image: Any) -> Image.Image:
             raise InputError(
                 f"image arrays must be HxWxC uint8 with C in 1, 3, 4; got shape {arr.shape} dtype {arr.dtype}"
             )
+        check_pixels(arr.shape[1], arr.shape[0], "the image array")
         return Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).convert("RGB")
     raise InputTypeError(f"unsupported image type {type(image).__name__}: pass a PIL image, a path, or an HxWxC uint8 array")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -12,12 +13,14 @@ from typing import Any, Iterator
 import torch
 from transformers import AutoProcessor, AutoTokenizer, BatchFeature, GenerationConfig
 
-from .acceptance import EXACT, Exact, check_rule
+from .acceptance import EXACT, AcceptanceRule, check_rule
 from .adapters import Adapter, adapter_for
+from .autotune import auto_tree
 from .config import AutoTreeConfig, SamplingConfig, TreeConfig, check_max_new_tokens, seeded_generator
 from .drafter import Drafter
 from .engine import Stats, StepEvent, decode
 from .errors import InputError, InputTypeError
+from .image_autotune import tune_image_trees
 from .image_pipeline import ImagePipeline
 from .images import cast_pixels, load_images
 from .processing import NodeProcessor, check_generation_config
@@ -94,14 +97,13 @@ def load(
             logger.info("%s ships no drafter: images are drafted with training-free Jacobi windows", target_name)
             drafter = "none"
         drafter_obj = _load_drafter(drafter, model, target_name, builtin, draft_dtype, trust_pickle)
-        return ImagePipeline(model, processor, adapter, drafter_obj, tree, _cache_source(target_name, drafter))
+        return ImagePipeline(model, processor, adapter, drafter_obj, tree, _cache_source(target_name, drafter),
+                             tuner=tune_image_trees)
     pipe_config = generation_config if generation_config is not None else model.generation_config
     check_generation_config(pipe_config)  # before the drafter loads: a refusal should cost nothing
     drafter_obj = _load_drafter(drafter, model, target_name, builtin, draft_dtype, trust_pickle)
     pipe = Pipeline(model, processor, adapter, drafter_obj, tree, pipe_config)
     if isinstance(tree, AutoTreeConfig) and drafter_obj is not None:
-        from .autotune import auto_tree
-
         pipe.tree = auto_tree(pipe, _cache_source(target_name, drafter))
     return pipe
 
@@ -138,9 +140,9 @@ def default_draft_dtype(target_dtype: torch.dtype, device: torch.device, hidden_
     """The drafter runs in the target's dtype, except beside an fp32 target on a CPU that multiplies bfloat16 natively
     (AVX512-BF16 or AMX), where it runs in whichever of fp32 and bf16 multiplies its weights faster here. Why measure:
     a draft step multiplies a few rows (the beam) by every drafter weight, so bf16 halves the bytes read, but oneDNN's
-    bf16 call has a fixed cost (~35 us on a 2-core Sapphire Rapids) that small weights never earn back: there an
-    [8, 768] x [768, 768] matmul is faster in fp32 and an [8, 1024] x [1024, 1024] one in bf16; on an earlier machine
-    bf16 won at 384 wide. The target's verify keeps the output exact either way; only acceptance can move."""
+    bf16 call has a fixed cost that small weights never earn back, and where the two cross differs between machines
+    (the measurements are in docs/speed.md). The target's verify keeps the output exact either way; only acceptance
+    can move."""
     if device.type != "cpu" or target_dtype != torch.float32:
         return target_dtype
     if not cpu_native_bf16():
@@ -228,6 +230,13 @@ class Pipeline:
         eos = self.generation_config.eos_token_id
         self.stop_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
 
+    def with_tree(self, tree: TreeConfig) -> "Pipeline":
+        """This pipeline (the same models) drafting with a fixed `tree`: what a tuner probes with. It has its own
+        runner (the mask state of a generation), so it may run beside this one."""
+        clone = copy.copy(self)
+        clone.tree, clone.runner = tree, TargetRunner(self.target, self.adapter)
+        return clone
+
     @property
     def tokenizer(self):
         return getattr(self.processor, "tokenizer", self.processor)
@@ -249,7 +258,7 @@ class Pipeline:
         top_k: int = 0,
         seed: int | None = None,
         speculative: bool = True,
-        acceptance: Exact = EXACT,
+        acceptance: AcceptanceRule = EXACT,
     ) -> Iterator[StepEvent]:
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
         check_max_new_tokens(max_new_tokens)
@@ -296,7 +305,7 @@ class Pipeline:
         top_k: int = 0,
         seed: int | None = None,
         speculative: bool = True,
-        acceptance: Exact = EXACT,
+        acceptance: AcceptanceRule = EXACT,
     ) -> GenerationResult:
         """Run to the end. At temperature 0 the tokens equal target.generate(**prepare(...), do_sample=False); above it
         they are distributed as the target's samples under the same temperature / top_k / top_p warp. The

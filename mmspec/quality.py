@@ -39,8 +39,8 @@ WEIGHTS_FILE = "open_clip_model.safetensors"
 PAD, UNK, SOT, EOT = "<pad>", "<unk>", "<sot>", "<eot>"
 JUDGE_PX = 64  # mini-vlm was trained on 64-px shapes-world renders
 # The judge's view of a 32-px image: a 3x3 median (removes the per-pixel texture noise mini-vlm never saw, which made
-# it count noise as objects; blobs of 3x3 px and up survive) and a bilinear upscale. Chosen on count accuracy over 200
-# rendered scenes (seed 0): plain bicubic 0.915, nearest 0.915, bilinear 0.955, median + bilinear 0.98.
+# it count noise as objects; blobs of 3x3 px and up survive) and a bilinear upscale, the best view on count accuracy
+# (the measured table is in docs/quality.md).
 JUDGE_MEDIAN = 3
 JUDGE_RESAMPLE = Image.Resampling.BILINEAR
 BATCH = 256

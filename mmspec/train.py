@@ -15,33 +15,30 @@ Method (EAGLE-3 with the ViSpec adaptor):
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+import functools
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import save_file
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 
-from .draft_vocab import choose_draft_vocab, restrict_teacher
-from .drafter import CONFIG_NAME, WEIGHTS_NAME, Drafter, DrafterConfig, read_weights
+from .draft_vocab import choose_draft_vocab
+from .drafter import Drafter
 from .errors import InputError, UserError
-from .images import cast_pixels
-from .proposer import build_pairs
+from .train_checkpoint import LoopState, load_checkpoint, save_checkpoint
+from .train_examples import Example, TeacherCache, encode_conversation, teach
 from .train_image import read_prompts, teach_image
-from .target import target_forward
+from .train_objective import DraftObjective, evaluate
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint"
-DEPTH_WEIGHT = 0.8
 
 
 @dataclass(frozen=True)
@@ -75,289 +72,6 @@ class TrainConfig:
             raise InputError(f"teacher_cache_gb must be >= 0 (0 turns the cache off), got {self.teacher_cache_gb!r}")
 
 
-# ---- turning a conversation into teacher signals -------------------------------------------------------------------
-
-
-def encode_conversation(adapter, processor, conv) -> tuple[dict, Tensor]:
-    """-> (the target's inputs for the whole conversation, [n] bool mask of assistant tokens).
-
-    The mask comes from rendering growing prefixes with the target's own chat template: the tokens between "history +
-    generation prompt" and "history + answer" are the answer. That works for any template, with no template markers."""
-    from .images import load_images
-
-    images = load_images(list(conv.images))
-    msgs = list(conv.messages)
-
-    def render(messages, gen_prompt):
-        text = processor.apply_chat_template(adapter.chat(messages, len(images)), add_generation_prompt=gen_prompt,
-                                             tokenize=False)
-        if adapter.multimodal:
-            return processor(text=text, images=images or None, return_tensors="pt")
-        return processor(text, return_tensors="pt", add_special_tokens=False)
-
-    full = render(msgs, False)
-    ids = full["input_ids"][0]
-    mask = torch.zeros(ids.numel(), dtype=torch.bool)
-    for k, m in enumerate(msgs):
-        if m["role"] != "assistant":
-            continue
-        start = render(msgs[:k], True)["input_ids"].shape[1]
-        end = render(msgs[: k + 1], False)["input_ids"].shape[1]
-        if not torch.equal(render(msgs[: k + 1], False)["input_ids"][0], ids[:end]):
-            raise InputError(f"line {conv.line_no}: the chat template does not render this conversation prefix-stably")
-        mask[start:end] = True
-    return dict(full), mask
-
-
-@dataclass
-class Example:
-    tokens: Tensor  # [n]
-    positions: Tensor  # [n] 1-D target positions
-    features: list[Tensor]  # the drafter's feature layers, each [n, H], detached
-    input_embeds: Tensor | None  # [n, H]
-    teacher_logits: Tensor  # [n, V] the target's logits (row i predicts token i + 1)
-    assistant: Tensor  # [n] bool
-    n_images: int = 0
-
-
-@torch.no_grad()
-def teach(model, adapter, processor, conv, feature_layers: tuple[int, ...], want_embeds: bool, max_length: int) -> Example:
-    inputs, mask = encode_conversation(adapter, processor, conv)
-    dev = model.get_output_embeddings().weight.device
-    inputs = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in inputs.items()}
-    cast_pixels(inputs, model.dtype)
-    n = inputs["input_ids"].shape[1]
-    if n > max_length:
-        raise InputError(f"line {conv.line_no}: {n} tokens, more than --max-length {max_length}")
-    out = target_forward(model, inputs, want_hidden=True, want_embeds=want_embeds, all_logits=True, use_cache=False)
-    positions, _ = adapter.prompt_positions(model, inputs)
-    return Example(
-        tokens=inputs["input_ids"][0],
-        positions=positions,
-        features=[out.hidden_states[i][0] for i in feature_layers],
-        input_embeds=None if out.input_embeds is None else out.input_embeds[0],
-        teacher_logits=out.logits,
-        assistant=mask.to(dev),
-        n_images=adapter.count_images(inputs),
-    )
-
-
-_TENSOR_FIELDS = ("tokens", "positions", "input_embeds", "teacher_logits", "assistant")  # and the features list
-
-
-def _example_to(ex: Example, device) -> Example:
-    moved = {n: getattr(ex, n).to(device) for n in _TENSOR_FIELDS if getattr(ex, n) is not None}
-    return replace(ex, features=[f.to(device) for f in ex.features], **moved)
-
-
-def _example_bytes(ex: Example) -> int:
-    tensors = [getattr(ex, n) for n in _TENSOR_FIELDS] + list(ex.features)
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-class TeacherCache:
-    """`teach` for the training set (a list of Examples per conversation: one, or one per row of an image drafter),
-    remembered per conversation (by its line in the data file) on the host until
-    `budget_bytes` are used up; later conversations are recomputed every time.
-
-    The target is frozen and `teach` is deterministic, so a cached Example is exactly what recomputing would give:
-    training is unchanged, only faster (on the mini models the teacher is ~40 % of a step, and the build's drafters
-    see each conversation ~5 times)."""
-
-    def __init__(self, compute, budget_bytes: int, device) -> None:
-        self.compute, self.budget, self.device = compute, budget_bytes, device
-        self.used, self.hits = 0, 0
-        self._store: dict[int, Example] = {}
-
-    def __call__(self, conv) -> list[Example]:
-        if conv.line_no in self._store:
-            self.hits += 1
-            return [_example_to(ex, self.device) for ex in self._store[conv.line_no]]
-        exs = self.compute(conv)
-        size = sum(_example_bytes(ex) for ex in exs)
-        if self.used + size <= self.budget:
-            self._store[conv.line_no] = [_example_to(ex, "cpu") for ex in exs]
-            self.used += size
-        return exs
-
-
-# ---- the training objective ------------------------------------------------------------------------------------------
-
-
-class DraftObjective(nn.Module):
-    """Wraps the drafter so that one forward computes the whole unrolled loss (what DDP needs to sync gradients)."""
-
-    def __init__(self, drafter: Drafter, ttt_steps: int, noise: float) -> None:
-        super().__init__()
-        self.drafter = drafter
-        self.ttt_steps = ttt_steps
-        self.noise = noise
-
-    def _pairs(self, ex: Example, generator: torch.Generator | None):
-        d = self.drafter
-        fused = d.fuse_selected(ex.features)  # [n, H]
-        feats = fused[:-1]
-        if self.training and self.noise > 0:
-            rms = feats.detach().pow(2).mean(-1, keepdim=True).sqrt()
-            feats = feats + torch.randn(feats.shape, generator=generator, device=feats.device, dtype=feats.dtype) * rms * self.noise
-        pairs, keep, _ = build_pairs(d, ex.tokens, ex.positions, feats, ex.input_embeds, ex.n_images)
-        n = ex.tokens.numel()
-        label_ok = torch.zeros_like(keep, dtype=torch.bool)
-        inside = keep + 1 < n
-        label_ok[inside] = ex.assistant[keep[inside] + 1]
-        teacher = ex.teacher_logits[keep]
-        return pairs, teacher, label_ok, fused[keep].detach()
-
-    def unroll(self, tokens: Tensor, positions: Tensor, feats: Tensor, embeds: Tensor | None, vec: Tensor | None) -> list[Tensor]:
-        """The training-time-test unroll over padded pairs [B, m]; returns the predicted features of every step [B, m, H].
-
-        Query j at step s attends to the real prefix (step-0 keys of slots <= j - s) and to its own chain (the step-t
-        key of slot j - s + t for t = 1..s): what a node at draft depth s + 1 sees in the proposer's KV cache."""
-        d = self.drafter
-        m, dev = tokens.shape[1], tokens.device
-        causal = torch.ones(m, m, dtype=torch.bool, device=dev).tril()
-        eye = torch.eye(m, dtype=torch.bool, device=dev)
-        rows = torch.arange(m, device=dev)[:, None]
-        keys, values, outs = [], [], []
-        step_feats = feats
-        for s in range(self.ttt_steps):
-            x, residual = d.inputs(tokens, step_feats, embeds, vec)
-            q, k, v = d.qkv(x, positions)
-            keys.append(k)
-            values.append(v)
-            real = causal.roll(s, dims=0) & (rows >= s)  # key i <= j - s; rows j < s have no real prefix
-            chain = [eye.roll(-(s - t), dims=1) & (rows >= s) for t in range(1, s + 1)]
-            mask = torch.cat([real, *chain], dim=1)
-            mask[:, -m:] |= eye  # every query sees itself, so no row is empty (rows j < s carry no loss)
-            out = d.finish(residual, d.attend(q, torch.cat(keys, 2), torch.cat(values, 2), mask[None]))
-            outs.append(out)
-            # the next step's pair at slot j reads this step's prediction for slot j - 1
-            step_feats = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
-        return outs
-
-    def forward(self, examples: list[Example], generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
-        d = self.drafter
-        built = [self._pairs(ex, generator) for ex in examples]
-        b, m = len(built), max(p.tokens.numel() for p, *_ in built)
-        h = d.config.hidden_size
-        dev = built[0][0].tokens.device
-        dtype = d.q_proj.weight.dtype
-
-        def pad(get, fill, shape=()):
-            out = torch.full((b, m, *shape), fill, device=dev, dtype=get(0).dtype)
-            for i in range(b):
-                x = get(i)
-                out[i, : x.shape[0]] = x
-            return out
-
-        tokens = pad(lambda i: built[i][0].tokens, 0)
-        positions = pad(lambda i: built[i][0].positions, 0)
-        feats = pad(lambda i: built[i][0].features.to(dtype), 0.0, (h,))
-        has_embeds = built[0][0].embeds is not None  # image slots (ViSpec) or an image drafter's text prompt
-        embeds = pad(lambda i: built[i][0].embeds.to(dtype), 0.0, (h,)) if has_embeds else None
-        vec = None if d.vision is None else pad(lambda i: built[i][0].image_vec.to(dtype), 0.0, (h,))
-        teacher = pad(lambda i: built[i][1].float(), 0.0, (built[0][1].shape[-1],))
-        label_ok = pad(lambda i: built[i][2], False)
-        if d.draft_token_ids is not None:  # a reduced head learns the target's distribution over its vocabulary
-            teacher, label_ok = restrict_teacher(teacher, d.draft_token_ids, label_ok)
-        reg_target = pad(lambda i: built[i][3].to(dtype), 0.0, (h,)) if d.config.fusion == "last" else None
-
-        teacher_lp = torch.log_softmax(teacher, dim=-1)
-        teacher_top = teacher.argmax(-1)
-        total, weights, metrics = 0.0, 0.0, {}
-        for s, out in enumerate(self.unroll(tokens, positions, feats, embeds, vec)):
-            valid = label_ok.clone()
-            valid[:, :s] = False
-            logp = torch.log_softmax(d.logits(out).float(), dim=-1)
-            ce = -(teacher_lp.exp() * logp).sum(-1)
-            n_valid = valid.sum().clamp(min=1)
-            loss = (ce * valid).sum() / n_valid
-            if reg_target is not None:
-                reg = F.smooth_l1_loss(out.float(), reg_target.float(), reduction="none").mean(-1)
-                loss = loss + (reg * valid).sum() / n_valid
-            w = DEPTH_WEIGHT**s
-            total = total + w * loss
-            weights += w
-            metrics[f"loss_{s}"] = loss.detach()
-            metrics[f"acc_{s}"] = ((logp.argmax(-1) == teacher_top) & valid).sum().float() / n_valid
-            metrics[f"n_{s}"] = valid.sum()
-        return total / weights, metrics
-
-
-# ---- checkpoints: safetensors + JSON only, so resuming never unpickles --------------------------------------------------
-
-# TrainConfig fields that do not change what training computes; every other one must match to resume a run exactly
-_RESUME_FREE = ("save_every", "teacher_cache_gb")
-
-
-@dataclass
-class LoopState:
-    """What, besides weights, optimizer and schedule, decides the rest of a run: the data order (the order generator
-    as it was before this epoch's permutation, and how many of this epoch's batches are done) and every process's
-    noise generator. A run resumed from it takes exactly the steps an uninterrupted run would have taken."""
-
-    step: int = 0
-    skipped: int = 0
-    consumed: int = 0
-    epoch_order: Tensor | None = None  # ByteTensor: torch.Generator state
-    noise: list[Tensor] = field(default_factory=list)  # one generator state per process, by process index
-
-
-def _save_checkpoint(path: Path, drafter: Drafter, optimizer, scheduler, loop: LoopState, cfg: TrainConfig,
-                     scaler=None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    drafter.save_pretrained(tmp)
-    state = optimizer.state_dict()
-    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in state["state"].items() for k, v in st.items()}
-    tensors["loop.epoch_order"] = loop.epoch_order
-    tensors.update({f"loop.noise.{rank}": g for rank, g in enumerate(loop.noise)})
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    meta = {"step": loop.step, "skipped": loop.skipped, "consumed": loop.consumed, "processes": len(loop.noise),
-            "config": asdict(cfg), "param_groups": state["param_groups"], "scheduler": scheduler.state_dict(),
-            "scaler": None if scaler is None else scaler.state_dict()}
-    (tmp / "trainer_state.json").write_text(json.dumps(meta, default=float))
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)  # a crash mid-save leaves the previous checkpoint intact
-
-
-def _load_checkpoint(path: Path, drafter: Drafter, optimizer, scheduler, cfg: TrainConfig, world: int,
-                     scaler=None) -> LoopState:
-    """Restore a checkpoint into freshly built objects, refusing one that the same command did not write."""
-    try:
-        meta = json.loads((path / "trainer_state.json").read_text())
-        saved = DrafterConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
-        old_cfg, step, skipped, consumed = meta["config"], meta["step"], meta["skipped"], meta["consumed"]
-    except (OSError, ValueError, TypeError, KeyError) as e:  # KeyError: a checkpoint of an older mmspec
-        raise InputError(f"cannot resume from {path} ({type(e).__name__}: {e}); delete it or use a new --out") from None
-    changed = [f"{k}={old_cfg.get(k)!r} (now {v!r})" for k, v in asdict(cfg).items()
-               if k not in _RESUME_FREE and old_cfg.get(k) != v]
-    changed += [f"{k}={getattr(saved, k)!r} (now {v!r})" for k, v in asdict(drafter.config).items()
-                if k != "extra" and getattr(saved, k) != v]
-    if meta.get("processes") != world:
-        changed.append(f"{meta.get('processes')} processes (now {world})")
-    if changed:
-        raise InputError(f"checkpoint {path} was written by a different run: {', '.join(changed)}; rerun the same "
-                         f"command to resume it, or use a new --out")
-    try:
-        drafter.load_state_dict(read_weights(path / WEIGHTS_NAME))  # strict: every tensor, nothing else
-    except RuntimeError as e:  # missing, unexpected or misshapen tensors
-        raise InputError(f"the weights in checkpoint {path} do not fit this drafter: {' '.join(str(e).split())}") from None
-    tensors = read_weights(path / "optimizer.safetensors")
-    loop = LoopState(step=int(step), skipped=int(skipped), consumed=int(consumed),
-                     epoch_order=tensors.pop("loop.epoch_order"),
-                     noise=[tensors.pop(f"loop.noise.{rank}") for rank in range(world)])
-    state: dict[int, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
-    if scaler is not None and meta.get("scaler"):
-        scaler.load_state_dict(meta["scaler"])
-    return loop
-
-
 def _epoch_batches(order_gen: torch.Generator, n: int, rank: int, world: int, batch_size: int) -> list[list[int]]:
     """This process's batches of one epoch. A strided share of one permutation per process (data-parallel), cut to the
     same length everywhere: every process must take the same number of steps, or the gradient all-reduce would wait
@@ -377,27 +91,6 @@ def _split(convs: list, fraction: float, seed: int) -> tuple[list, list]:
     order = torch.randperm(len(convs), generator=g).tolist()
     n_eval = max(1, int(round(len(convs) * fraction)))
     return [convs[i] for i in sorted(order[n_eval:])], [convs[i] for i in sorted(order[:n_eval])]
-
-
-@torch.no_grad()
-def evaluate(objective: DraftObjective, batches: list[list[Example]]) -> dict:
-    """Held-out loss and per-depth top-1 agreement with the target (the greedy acceptance rate at each draft depth)."""
-    objective.eval()
-    sums: dict[str, float] = {}
-    for exs in batches:
-        _, m = objective(exs)
-        for s in range(objective.ttt_steps):
-            n = float(m[f"n_{s}"])
-            sums[f"acc_{s}"] = sums.get(f"acc_{s}", 0.0) + float(m[f"acc_{s}"]) * n
-            sums[f"loss_{s}"] = sums.get(f"loss_{s}", 0.0) + float(m[f"loss_{s}"]) * n
-            sums[f"n_{s}"] = sums.get(f"n_{s}", 0.0) + n
-    objective.train()
-    out = {}
-    for s in range(objective.ttt_steps):
-        n = max(sums.get(f"n_{s}", 0.0), 1.0)
-        out[f"depth{s + 1}_acc"] = sums.get(f"acc_{s}", 0.0) / n
-        out[f"depth{s + 1}_loss"] = sums.get(f"loss_{s}", 0.0) / n
-    return out
 
 
 class OutputExistsError(UserError, FileExistsError):
@@ -515,7 +208,7 @@ def _checkpoint(t: _Training, loop: LoopState, ckpt: Path) -> None:
     state = t.noise.get_state()
     loop.noise = gather_object([state]) if acc.num_processes > 1 else [state]  # every process's noise state
     if acc.is_main_process:
-        _save_checkpoint(ckpt, t.drafter, t.optimizer, t.scheduler, loop, t.cfg, t.scaler)
+        save_checkpoint(ckpt, t.drafter, t.optimizer, t.scheduler, loop, asdict(t.cfg), t.scaler)
     acc.wait_for_everyone()
 
 
@@ -590,7 +283,7 @@ def train_drafter(target: str, data: str | Path, out: str | Path, cfg: TrainConf
                   order=torch.Generator().manual_seed(cfg.seed))
     loop = LoopState(epoch_order=t.order.get_state())
     if ckpt.is_dir():
-        loop = _load_checkpoint(ckpt, drafter, optimizer, scheduler, cfg, world, t.scaler)
+        loop = load_checkpoint(ckpt, drafter, optimizer, scheduler, asdict(cfg), world, t.scaler)
         t.noise.set_state(loop.noise[accelerator.process_index])
         logger.info("resumed from %s at step %d", ckpt, loop.step)
     want_embeds = drafter.vision is not None

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InputError
+from .train_examples import Example
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,8 @@ def read_prompts(path) -> list[PromptLine]:
 @torch.no_grad()
 def teach_image(model, adapter, processor, line: PromptLine, feature_layers: tuple[int, ...], scale: float,
                 seed: int, rows: int = 1):
-    """-> train.Examples over prompt + the target's own codes for this line (codes are the learned tokens): rows=1,
+    """-> Examples over prompt + the target's own codes for this line (codes are the learned tokens): rows=1,
     one for the cond row with the guided logits as teacher; rows=2, one per row with that row's own logits."""
-    from .train import Example
-
     inputs = adapter.prepare(processor, line.prompt, []).to(model.device)
     gc = model.generation_config
     bos, boi, pad = int(gc.bos_token_id), adapter.boi_token_id(processor), int(gc.pad_token_id)

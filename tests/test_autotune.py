@@ -7,7 +7,7 @@ import pytest
 
 import mmspec
 from mmspec import TreeConfig
-from mmspec import autotune
+from mmspec import autotune, tuning
 from mmspec.config import AutoTreeConfig
 from mmspec.errors import InputError
 from mmspec.registry import MODELS_DIR
@@ -39,7 +39,7 @@ def test_simulated_tau_is_the_decoded_tau(pipe):
 def test_auto_is_measured_once_then_read_from_the_cache(monkeypatch):
     pipe = mmspec.load("mini-vlm", device="cpu", tree=TreeConfig.preset("auto"))
     assert not isinstance(pipe.tree, AutoTreeConfig) and pipe.tree.total_tokens > 1
-    entry = json.loads(autotune.cache_file().read_text())
+    entry = json.loads(tuning.cache_file().read_text())
     (key, stored), = [(k, v) for k, v in entry.items() if "mini-vlm + builtin" in k]
     assert stored["tree"] == {"depth": pipe.tree.depth, "top_k": pipe.tree.top_k, "total_tokens": pipe.tree.total_tokens}
     assert stored["verify_ms"]["16"] > 0 and stored["expected_tau"] > 1
@@ -52,11 +52,11 @@ def test_auto_is_measured_once_then_read_from_the_cache(monkeypatch):
     assert again.tree == pipe.tree
     monkeypatch.undo()
 
-    autotune.cache_file().write_text(json.dumps({key: {"tree": {"depth": 0}}}))  # not an entry this version wrote
+    tuning.cache_file().write_text(json.dumps({key: {"tree": {"depth": 0}}}))  # not an entry this version wrote
     assert mmspec.load("mini-vlm", device="cpu", tree=TreeConfig.preset("auto")).tree.total_tokens > 1
-    autotune.cache_file().write_text("{not json")  # a torn or hand-edited cache is measured again, not trusted
+    tuning.cache_file().write_text("{not json")  # a torn or hand-edited cache is measured again, not trusted
     third = mmspec.load("mini-vlm", device="cpu", tree=TreeConfig.preset("auto"))
-    assert third.tree.total_tokens > 1 and key in json.loads(autotune.cache_file().read_text())
+    assert third.tree.total_tokens > 1 and key in json.loads(tuning.cache_file().read_text())
 
 
 def test_tree_config_checks_min_confidence():
@@ -97,6 +97,6 @@ def test_simulate_tau_walks_the_reranked_tree():
 
 def test_retune_env_measures_again(monkeypatch):
     entry = {"tree": {"depth": 2, "top_k": 2, "total_tokens": 3}}
-    assert autotune._cached_tree(entry)[0] == TreeConfig(depth=2, top_k=2, total_tokens=3)
+    assert tuning.cached_tree(entry)[0] == TreeConfig(depth=2, top_k=2, total_tokens=3)
     monkeypatch.setenv("MMSPEC_RETUNE", "1")
-    assert autotune._cached_tree(entry) is None  # a cached shape is ignored: measured again, then overwritten
+    assert tuning.cached_tree(entry) is None  # a cached shape is ignored: measured again, then overwritten

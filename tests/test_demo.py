@@ -128,7 +128,7 @@ def test_in_a_real_browser(served, tmp_path):
         assert "codes/s" in page.inner_text("#generate-speed")
         page.screenshot(path=str(shots / "demo-generate.png"), full_page=True)
         before = page.inner_text("#generate-speed")
-        page.locator("#drafting").get_by_text("jacobi").click()  # training-free drafting, same page
+        page.locator("#drafting").get_by_text("jacobi", exact=True).click()  # training-free drafting, same page
         page.click("#generate-button")
         page.wait_for_function(f"() => document.querySelector('#generate-speed').innerText !== {before!r}",
                                timeout=120_000)

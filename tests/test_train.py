@@ -16,7 +16,9 @@ from mmspec import Drafter
 from mmspec.drafter import DraftKV
 from mmspec.errors import InputError
 from mmspec.proposer import PromptContext, build_pairs, prompt_pairs
-from mmspec.train import DraftObjective, TrainConfig, teach, train_drafter
+from mmspec.train import TrainConfig, train_drafter
+from mmspec.train_examples import teach
+from mmspec.train_objective import DraftObjective
 from mmspec.vision import plan_compression
 from tiny_models import sample_images
 
@@ -217,13 +219,13 @@ def run_until_first_checkpoint(monkeypatch, *args, **kwargs) -> None:
     """train_drafter(*args, **kwargs), stopped right after it writes its first checkpoint."""
     import mmspec.train as train_mod
 
-    save = train_mod._save_checkpoint
+    save = train_mod.save_checkpoint
 
     def save_then_die(*a, **kw):
         save(*a, **kw)
         raise Interrupted
 
-    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
     with pytest.raises(Interrupted):
         train_drafter(*args, **kwargs)
     monkeypatch.undo()
