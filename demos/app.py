@@ -23,7 +23,8 @@ from .render import BONUS, DRAFT, code_map_html, tokens_html, tree_svg
 logger = logging.getLogger(__name__)
 
 MAX_FILE_SIZE = "10mb"
-RULES = ("exact", "lantern", "lantern++")
+RULES = ("exact", "lantern", "lantern++", "grouped")
+DRAFTS = ("drafter", "jacobi")
 SAMPLES = Path(__file__).resolve().parent.parent / "mmspec" / "assets"
 
 
@@ -77,16 +78,20 @@ class Demo:
 
     # ---- generate ------------------------------------------------------------------------------------------------
     def generate_image(self, prompt: str, rule: str = "lantern", k: int = 8, delta: float = 0.2, lam: float = 2.0,
-                       guidance: float = 5.0, seed: int = 0, compare: bool = False) -> Iterator[tuple]:
-        """Streams (image so far, speed line, code-grid map HTML)."""
+                       guidance: float = 5.0, seed: int = 0, compare: bool = False,
+                       draft: str | None = None) -> Iterator[tuple]:
+        """Streams (image so far, speed line, code-grid map HTML). draft: "drafter", "jacobi" or None (the drafter
+        when the generator has one)."""
         if self.gen is None:
             raise _error(f"no image generator loaded: {self.gen_error}")
         if not prompt or not prompt.strip():
             raise _error("describe the image to generate")
         acceptance = self._rule(rule, int(k), float(delta), float(lam))
+        if draft not in (None, *DRAFTS):
+            raise _error(f"unknown drafting {draft!r}; choose one of {', '.join(DRAFTS)}")
         grid = self.gen.adapter.grid(self.gen.target)
         steps, drafted, image, stats = [], [], None, None
-        kw = dict(guidance_scale=float(guidance), seed=int(seed))
+        kw = dict(guidance_scale=float(guidance), seed=int(seed), draft=self._call(lambda: self.gen.drafting(draft)))
         events = self._stream(lambda: self.gen.stream_image(prompt, acceptance=acceptance, **kw))
         for step, ev in enumerate(events):
             steps += [step] * len(ev.token_ids)
@@ -103,13 +108,13 @@ class Demo:
 
     @staticmethod
     def _rule(rule: str, k: int, delta: float, lam: float):
-        from mmspec import Exact, Lantern, LanternPP
+        from mmspec import Exact, Grouped, Lantern, LanternPP
 
         if rule not in RULES:
             raise _error(f"unknown acceptance rule {rule!r}; choose one of {', '.join(RULES)}")
         try:
             return {"exact": Exact, "lantern": lambda: Lantern(k=k, delta=delta),
-                    "lantern++": lambda: LanternPP(k=k, lam=lam)}[rule]()
+                    "lantern++": lambda: LanternPP(k=k, lam=lam), "grouped": lambda: Grouped(k=k, delta=delta)}[rule]()
         except UserError as e:
             raise _error(str(e)) from None
 
@@ -205,8 +210,12 @@ def build_app(demo: Demo):
                 with gr.Column():
                     prompt = gr.Textbox(label="prompt", value="a big red circle at the top left")
                     rule = gr.Radio(list(RULES), value="lantern", label="acceptance rule")
+                    draft = gr.Radio(list(DRAFTS), value="drafter" if demo.gen is None or demo.gen.drafter else
+                                     "jacobi", label="drafting: a trained drafter, or training-free Jacobi windows",
+                                     elem_id="drafting")
                     k = gr.Slider(1, 32, value=8, step=1, label="k: neighbours per drafted code")
-                    delta = gr.Slider(0.0, 1.0, value=0.2, step=0.05, label="delta (LANTERN's TV bound)")
+                    delta = gr.Slider(0.0, 1.0, value=0.2, step=0.05,
+                                      label="delta (TV bound per node: LANTERN, grouped)")
                     lam = gr.Slider(1.0, 5.0, value=2.0, step=0.25, label="lam (LANTERN++'s cap)")
                     guidance = gr.Slider(0.0, 10.0, value=5.0, step=0.5, label="guidance scale")
                     seed = gr.Number(value=0, precision=0, label="seed")
@@ -219,7 +228,7 @@ def build_app(demo: Demo):
                     code_map = gr.HTML(label="code grid: accepted drafts and steps", elem_id="code-map")
             if demo.gen is None:
                 gr.Markdown(f"**No image generator loaded:** {demo.gen_error}")
-            gen_btn.click(demo.generate_image, inputs=[prompt, rule, k, delta, lam, guidance, seed, gen_compare],
+            gen_btn.click(demo.generate_image, inputs=[prompt, rule, k, delta, lam, guidance, seed, gen_compare, draft],
                           outputs=[picture, gen_speed, code_map], api_name="generate_image", concurrency_id="gen",
                           concurrency_limit=1)
     return app

@@ -6,7 +6,7 @@
     img = gen.generate_image("a big red circle at the top left", acceptance=mmspec.Lantern(k=8, delta=0.2)).image
 """
 
-from .acceptance import Exact, Lantern, LanternPP
+from .acceptance import Exact, Grouped, Lantern, LanternPP
 from .config import SamplingConfig, TreeConfig
 from .drafter import Drafter, DrafterConfig
 from .engine import Stats, StepEvent
@@ -16,6 +16,7 @@ from .tree import DraftTree
 from .verify import Acceptance, accept_greedy, accept_sampling
 
 from .image_pipeline import ImagePipeline, ImageResult
+from .jacobi import JacobiConfig
 
 __version__ = "0.1.0"
 
@@ -25,8 +26,10 @@ __all__ = [
     "Drafter",
     "DrafterConfig",
     "Exact",
+    "Grouped",
     "ImagePipeline",
     "ImageResult",
+    "JacobiConfig",
     "Lantern",
     "LanternPP",
     "GenerationResult",

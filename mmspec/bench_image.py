@@ -1,4 +1,5 @@
-"""`mmspec bench --target mini-gen`: autoregressive vs exact vs LANTERN vs LANTERN++ image generation, with a sweep.
+"""`mmspec bench --target mini-gen`: autoregressive vs the trained drafter (exact, LANTERN, LANTERN++) vs training-free
+Jacobi drafting (`sjd`: exact; `gsd`: the grouped rule; `sjd-lantern`) image generation, with sweeps.
 
 Every setting generates the same held-out prompts with the same seeds (prompt k: seed + k), taking turns prompt by
 prompt after one warm-up each, so a slow patch of a noisy machine hits all alike. Speed is codes per second of wall
@@ -16,22 +17,30 @@ from pathlib import Path
 
 import torch
 
-from .acceptance import Exact, Lantern, LanternPP
+from .acceptance import Exact, Grouped, Lantern, LanternPP
 from .config import AutoTreeConfig, TreeConfig
 from .errors import InputError, MissingInputError
+from .jacobi import JacobiConfig
 
 logger = logging.getLogger(__name__)
 
 PROMPTS_FILE = Path(__file__).parent / "assets" / "gen_prompts.jsonl"
-HEADLINE = {"autoregressive": Exact(), "exact": Exact(), "lantern": Lantern(k=8, delta=0.2),
-            "lantern++": LanternPP(k=8, lam=2.0)}
-SWEEP = [Lantern(k=k, delta=d) for k in (4, 8, 16) for d in (0.05, 0.1, 0.2, 0.4)]
+JACOBI = JacobiConfig()
+GSD = Grouped(k=8, delta=0.3, closeness=0.15)  # the recommended setting (docs/image-generation.md)
+# name -> (rule, drafting): None is autoregressive, "drafter" the trained drafter's tree, a JacobiConfig Jacobi windows
+HEADLINE = {"autoregressive": (Exact(), None), "exact": (Exact(), "drafter"),
+            "lantern": (Lantern(k=8, delta=0.2), "drafter"), "lantern++": (LanternPP(k=8, lam=2.0), "drafter"),
+            "sjd": (Exact(), JACOBI), "gsd": (GSD, JACOBI), "sjd-lantern": (Lantern(k=8, delta=0.2), JACOBI)}
+SWEEP = [(Lantern(k=k, delta=d), "drafter") for k in (4, 8, 16) for d in (0.05, 0.1, 0.2, 0.4)]
+SWEEP += [(Exact(), JacobiConfig(window=w)) for w in (4, 8, 32)] + [(GSD, JacobiConfig(window=w)) for w in (8, 32)]
+SWEEP += [(Grouped(k=8, delta=d), JACOBI) for d in (0.1, 0.5)] + [(Exact(), JacobiConfig(init="uniform")),
+                                                                  (Exact(), JacobiConfig(coupled=False))]
 
 
 @dataclass
 class Setting:
     rule: object
-    speculative: bool
+    draft: str | JacobiConfig | None  # None: autoregressive
     codes: list[list[int]] = field(default_factory=list)
     images: list = field(default_factory=list)
     new_tokens: int = 0
@@ -53,6 +62,18 @@ class Setting:
     def speed(self) -> float:
         return self.new_tokens / self.wall_s
 
+    @property
+    def kwargs(self) -> dict:
+        return dict(acceptance=self.rule, speculative=self.draft is not None, draft=self.draft)
+
+    @property
+    def name(self) -> str:
+        """A sweep row's label: the rule and, for Jacobi windows, the window."""
+        d = self.draft
+        if not isinstance(d, JacobiConfig):
+            return repr(self.rule)
+        return f"jacobi w={d.window} {d.init}{'' if d.coupled else ' uncoupled'} {self.rule!r}"
+
 
 def held_out_gen_prompts(n: int) -> list[dict]:
     """The first n held-out records {"prompt", "scene"} shipped with mini-gen (never trained on)."""
@@ -65,11 +86,11 @@ def held_out_gen_prompts(n: int) -> list[dict]:
     return records[:n]
 
 
-def _settings(sweep: bool) -> dict[str, Setting]:
-    out = {name: Setting(rule, name != "autoregressive") for name, rule in HEADLINE.items()}
+def _settings(sweep: bool, has_drafter: bool) -> dict[str, Setting]:
+    out = {name: Setting(rule, draft) for name, (rule, draft) in HEADLINE.items()}
     if sweep:
-        out.update({f"lantern k={r.k} delta={r.delta}": Setting(r, True) for r in SWEEP})
-    return out
+        out.update({s.name: s for s in (Setting(rule, draft) for rule, draft in SWEEP)})
+    return {k: v for k, v in out.items() if has_drafter or v.draft != "drafter"}
 
 
 def run_image_bench(target: str = "mini-gen", *, n: int = 16, guidance_scale: float = 5.0, temperature: float = 1.0,
@@ -80,23 +101,23 @@ def run_image_bench(target: str = "mini-gen", *, n: int = 16, guidance_scale: fl
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = load(target, device=dev, dtype=dtype, tree=TreeConfig.preset(tree_preset or "auto"))
     records = held_out_gen_prompts(n)
-    settings = _settings(sweep)
-    pipe.tune([s.rule for s in settings.values() if s.speculative])  # one calibration for every rule (auto only)
+    settings = _settings(sweep, pipe.drafter is not None)
+    pipe.tune([s.rule for s in settings.values() if s.draft == "drafter"])  # one calibration for every rule (auto)
     kw = dict(guidance_scale=guidance_scale, temperature=temperature)
     names = list(settings)
     with torch.inference_mode():
         for s in settings.values():  # warm-up: first-call allocations and lazy inits off the clock
-            pipe.generate_image(records[0]["prompt"], **kw, seed=seed, acceptance=s.rule, speculative=s.speculative)
+            pipe.generate_image(records[0]["prompt"], **kw, seed=seed, **s.kwargs)
         for k, rec in enumerate(records):
             for name in names[k % len(names):] + names[: k % len(names)]:
                 s = settings[name]
-                s.add(pipe.generate_image(rec["prompt"], **kw, seed=seed + k, acceptance=s.rule,
-                                          speculative=s.speculative))
+                s.add(pipe.generate_image(rec["prompt"], **kw, seed=seed + k, **s.kwargs))
         greedy = {m: [pipe.generate_image(r["prompt"], guidance_scale=guidance_scale, temperature=0.0,
-                                          speculative=m == "exact").token_ids for r in records]
-                  for m in ("autoregressive", "exact")}
+                                          **settings[m].kwargs).token_ids for r in records]
+                  for m in ("autoregressive", "exact", "sjd") if m in settings}
     scores = _quality(settings, records) if quality else {}
-    report = _report(target, pipe, n, kw, settings, scores, greedy["exact"] == greedy["autoregressive"])
+    lossless = {m: codes == greedy["autoregressive"] for m, codes in greedy.items()}
+    report = _report(target, pipe, n, kw, settings, scores, lossless)
     print_image_table(report)
     return report
 
@@ -120,18 +141,21 @@ def _quality(settings: dict[str, Setting], records: list[dict]) -> dict[str, dic
 
 
 def _report(target, pipe, n, kw, settings, scores, lossless) -> dict:
-    ar, ex = settings["autoregressive"].speed, settings["exact"].speed
+    ar = settings["autoregressive"].speed
+    ex = settings["exact"].speed if "exact" in settings else None
     rows, sweep = {}, []
     for name, s in settings.items():
         row = {"tokens_per_s": round(s.speed, 2), "mean_accepted": round(s.new_tokens / max(s.target_forwards, 1), 3),
-               "speedup": round(s.speed / ar, 3), "speedup_over_exact": round(s.speed / ex, 3),
+               "speedup": round(s.speed / ar, 3), "speedup_over_exact": round(s.speed / ex, 3) if ex else None,
                **{k: (None if v is None else round(v, 4)) for k, v in scores.get(name, {}).items()},
                "ms_per_step": {k: round(1e3 * v / max(s.target_forwards, 1), 3) for k, v in s.split_s.items()},
-               "tree": asdict(pipe.tree_for(s.rule)) if s.speculative else None}
+               "tree": asdict(pipe.tree_for(s.rule)) if s.draft == "drafter" else None,
+               "jacobi": asdict(s.draft) if isinstance(s.draft, JacobiConfig) else None}
         if name in HEADLINE:
-            rows[name] = {**row, "rule": repr(s.rule), "lossless": lossless if name == "exact" else None}
+            rows[name] = {**row, "rule": repr(s.rule), "lossless": lossless.get(name) if not s.rule.relaxed else None}
         else:
-            sweep.append({"rule": "lantern", "k": s.rule.k, "delta": s.rule.delta, **row})
+            sweep.append({"rule": type(s.rule).__name__.lower().replace("pp", "++"), "label": s.name,
+                          **{k: v for k, v in asdict(s.rule).items()}, **row})
     return {"target": target, "device": str(pipe.device), "n_prompts": n, "guidance_scale": kw["guidance_scale"],
             "temperature": kw["temperature"], "tree_preset": _preset_name(pipe.tree), "methods": rows, "sweep": sweep}
 
@@ -146,15 +170,16 @@ def _preset_name(tree: TreeConfig) -> str:
 def print_image_table(report: dict) -> None:
     lines = [f"mmspec bench: target={report['target']} device={report['device']} prompts={report['n_prompts']} "
              f"guidance={report['guidance_scale']} temperature={report['temperature']}",
-             f"{'setting':<28}{'codes/s':>9}{'speedup':>9}{'vs exact':>9}{'tau':>7}{'faithful':>9}{'clip':>7}{'fid':>8}"
-             f"  tree (depth/top_k/total)"]
-    rows = list(report["methods"].items()) + [(f"lantern k={r['k']} d={r['delta']}", r) for r in report["sweep"]]
+             f"{'setting':<44}{'codes/s':>9}{'speedup':>9}{'vs exact':>9}{'tau':>7}{'faithful':>9}{'clip':>7}"
+             f"{'fid':>8}  tree (depth/top_k/total) or window"]
+    rows = list(report["methods"].items()) + [(r["label"], r) for r in report["sweep"]]
     for name, r in rows:
         q = [r.get(k) for k in ("faithfulness", "clip_score", "fid")]
         qs = "".join(f"{'-':>{w}}" if v is None else f"{v:>{w}.{p}f}" for v, w, p in zip(q, (9, 7, 8), (2, 1, 1)))
-        t = r.get("tree")
-        shape = f"  {t['depth']}/{t['top_k']}/{t['total_tokens']}" if t else ""
-        lines.append(f"{name:<28}{r['tokens_per_s']:>9.1f}{r['speedup']:>8.2f}x{r['speedup_over_exact']:>8.2f}x"
+        t, j = r.get("tree"), r.get("jacobi")
+        shape = f"  {t['depth']}/{t['top_k']}/{t['total_tokens']}" if t else (f"  window {j['window']}" if j else "")
+        vs_exact = "-" if r["speedup_over_exact"] is None else f"{r['speedup_over_exact']:.2f}x"
+        lines.append(f"{name[:43]:<44}{r['tokens_per_s']:>9.1f}{r['speedup']:>8.2f}x{vs_exact:>9}"
                      f"{r['mean_accepted']:>7.2f}{qs}{shape}")
     print("\n".join(lines))
 
@@ -165,7 +190,7 @@ def plot_tradeoff(report: dict, path: str | Path, size: tuple[int, int] = (720, 
     from PIL import Image, ImageDraw
 
     points = [(name, r) for name, r in report["methods"].items()]
-    points += [(f"k={r['k']} d={r['delta']}", r) for r in report["sweep"]]
+    points += [(r["label"], r) for r in report["sweep"] if r["rule"] == "lantern"]
     points = [(n, r["faithfulness"], r["speedup"]) for n, r in points if r.get("faithfulness") is not None]
     if not points:
         raise InputError("the report has no faithfulness figures (run the bench without --no-quality)")
@@ -187,7 +212,8 @@ def plot_tradeoff(report: dict, path: str | Path, size: tuple[int, int] = (720, 
         tx = x0 + (x1 - x0) * t / 10
         draw.text((at(tx, y0)[0] - 12, h - m + 8), f"{tx:.2f}", fill="gray")
     draw.line([at(x0, 1.0), at(x1, 1.0)], fill=(200, 200, 200))  # autoregressive speed
-    colours = {"autoregressive": "black", "exact": "blue", "lantern": "red", "lantern++": "purple"}
+    colours = {"autoregressive": "black", "exact": "blue", "lantern": "red", "lantern++": "purple", "sjd": "green",
+               "gsd": (0, 150, 150), "sjd-lantern": (120, 160, 0)}
     for name, x, y in points:
         cx, cy = at(x, y)
         colour = colours.get(name, (230, 120, 60))

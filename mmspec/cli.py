@@ -77,6 +77,12 @@ def _add_generate_image_parser(sub) -> None:
     gen.add_argument("--lantern-k", type=_positive_int, default=None, help="neighbours per drafted code (default 8)")
     gen.add_argument("--lantern-delta", type=float, default=None, help="LANTERN's total-variation bound (default 0.2)")
     gen.add_argument("--lantern-lam", type=float, default=None, help="LANTERN++'s cap p~(x) <= lam p(x) (default 2)")
+    gen.add_argument("--group-delta", type=float, default=None,
+                     help="the grouped rule's total-variation bound per node (default 0.3)")
+    gen.add_argument("--draft", choices=("drafter", "jacobi"), default=None,
+                     help="what drafts codes: the trained drafter's tree, or training-free Jacobi windows "
+                          "(default: the drafter when the target has one, else jacobi)")
+    gen.add_argument("--window", type=_positive_int, default=None, help="codes per Jacobi window (default 16)")
     gen.add_argument("--guidance-scale", type=float, default=5.0)
     _add_sampling_args(gen, temperature=1.0)
     gen.add_argument("--compare", action="store_true", help="also generate without drafting and print both speeds")
@@ -102,7 +108,7 @@ def build_parser() -> Parser:
     bench.add_argument("--max-new-tokens", type=_positive_int, default=128)
     bench.add_argument("--temperature", type=_nonneg_float, default=None, help="default 0 (VLMs), 1 (image generators)")
     bench.add_argument("--guidance-scale", type=float, default=5.0, help="image generators: the CFG scale")
-    bench.add_argument("--no-sweep", dest="sweep", action="store_false", help="image generators: skip the LANTERN sweep")
+    bench.add_argument("--no-sweep", dest="sweep", action="store_false", help="image generators: skip the sweeps (LANTERN settings, Jacobi windows and rules)")
     bench.add_argument("--no-quality", dest="quality", action="store_false",
                        help="image generators: skip faithfulness / CLIP / FID (speed only)")
     bench.add_argument("--methods", default=None, help="comma-separated subset of methods to run")
@@ -218,14 +224,15 @@ def _timed_runs(pipe, prompt, images, kw: dict, modes: tuple, rounds: int) -> di
     return runs
 
 
-RULES = {"exact": (), "lantern": ("lantern_k", "lantern_delta"), "lantern++": ("lantern_k", "lantern_lam")}
+RULES = {"exact": (), "lantern": ("lantern_k", "lantern_delta"), "lantern++": ("lantern_k", "lantern_lam"),
+         "grouped": ("lantern_k", "group_delta")}
 
 
 def acceptance_rule(args):
     """--acceptance and its --lantern-* flags -> the rule; a flag the chosen rule does not read is an error."""
-    from . import Exact, Lantern, LanternPP
+    from . import Exact, Grouped, Lantern, LanternPP
 
-    given = {f for f in ("lantern_k", "lantern_delta", "lantern_lam") if getattr(args, f) is not None}
+    given = {f for f in ("lantern_k", "lantern_delta", "lantern_lam", "group_delta") if getattr(args, f) is not None}
     stray = given - set(RULES[args.acceptance])
     if stray:
         flags = ", ".join("--" + f.replace("_", "-") for f in sorted(stray))
@@ -235,7 +242,20 @@ def acceptance_rule(args):
         return Lantern(k=k, delta=0.2 if args.lantern_delta is None else args.lantern_delta)
     if args.acceptance == "lantern++":
         return LanternPP(k=k, lam=2.0 if args.lantern_lam is None else args.lantern_lam)
+    if args.acceptance == "grouped":
+        return Grouped(k=k, delta=0.3 if args.group_delta is None else args.group_delta)
     return Exact()
+
+
+def drafting(args):
+    """--draft and --window -> generate_image's `draft` (None: the pipeline's default)."""
+    from . import JacobiConfig
+
+    if args.window is not None and args.draft == "drafter":
+        raise InputError("--window sizes Jacobi windows; it does not apply with --draft drafter")
+    if args.window is not None:
+        return JacobiConfig(window=args.window)
+    return args.draft
 
 
 def cmd_generate_image(args) -> int:
@@ -257,8 +277,9 @@ def cmd_generate_image(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load(args.target, args.drafter, device=device, dtype=args.dtype, tree=_tree(args),
                 draft_dtype=args.draft_dtype)
+    draft = pipe.drafting(drafting(args))
     kw = dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-              seed=args.seed, acceptance=rule)
+              seed=args.seed, acceptance=rule, draft=draft)
     modes = (True, False) if args.compare else (True,)
     if args.compare:  # warm-up: first-call allocations and lazy inits off the clock, for both methods alike
         for speculative in modes:
@@ -274,9 +295,12 @@ def cmd_generate_image(args) -> int:
     except (OSError, ValueError) as e:
         raise InputError(f"cannot write --out {str(out)!r}: {e}") from None
     s = max((r.stats for r in runs[True]), key=lambda st: st.tokens_per_s)
-    t = pipe.tree_for(rule)
-    print(f"wrote {out} ({res.image.width}x{res.image.height}, {len(res.token_ids)} codes); rule {rule}; "
-          f"[tree] depth {t.depth}, top_k {t.top_k}, total_tokens {t.total_tokens}")
+    if draft == "drafter":
+        t = pipe.tree_for(rule)
+        how = f"[tree] depth {t.depth}, top_k {t.top_k}, total_tokens {t.total_tokens}"
+    else:
+        how = f"[jacobi] window {draft.window}, init {draft.init}, coupled {draft.coupled}"
+    print(f"wrote {out} ({res.image.width}x{res.image.height}, {len(res.token_ids)} codes); rule {rule}; {how}")
     print(f"speculative {s.tokens_per_s:8.1f} codes/s   tau {s.mean_accepted:.2f}")
     if args.compare:
         ar = max(r.stats.tokens_per_s for r in runs[False])

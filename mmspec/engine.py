@@ -185,7 +185,7 @@ def decode(
         if process:  # the root and the accepted drafted tokens join the history; the bonus is the next root
             history = torch.cat([history, tree.tokens[acc.path.to(dev)]])
         cache_keep(cache, past, acc.path)
-        proposer.commit(tree, acc, hidden)
+        proposer.commit(tree, acc, hidden, scores)
         past += acc.path.numel()
         root_pos += acc.path.numel()
 

@@ -31,7 +31,7 @@ from .config import SamplingConfig, TreeConfig
 from .engine import Rows
 from .target import cache_keep
 from .tree import DraftTree
-from .verify import Acceptance, warp
+from .verify import Acceptance, sibling_test, warp
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +48,13 @@ def expected_accepted(parents: list[int], tokens: Tensor, probs: Tensor, rule, n
     the root 1.0). parents [T] (root -1, siblings in test order), tokens [T], probs [T, V] the warped target
     distribution at each node. The sum of the drafted nodes' reach is the expected number of drafted tokens accepted."""
     reach = [1.0] * len(parents)
-    residual: dict[int, Tensor] = {}
+    left: dict[int, tuple[Tensor, float]] = {}  # node -> (its residual, its budget) after the children tested so far
     for i in range(1, len(parents)):
         p = parents[i]
-        res = residual.get(p, probs[p])
-        members = rule.relaxed_set(res, tokens[i : i + 1], neighbours)
-        reach[i] = reach[p] * float(res[members].sum())
-        residual[p] = res.index_fill(0, members, 0.0)
+        res, budget = left.get(p, (probs[p], rule.node_budget))
+        test = sibling_test(res, int(tokens[i]), None, rule, neighbours, budget)
+        reach[i] = reach[p] * test.reached * test.accept
+        left[p] = (test.residual, budget - test.moved)
     return reach
 
 

@@ -4,7 +4,9 @@ The target is an AR image generator (Janus family): it writes an image as N VQ c
 of its decoder, with classifier-free guidance over a cond and an uncond row. Here both rows are verified with one draft
 tree per forward (engine.decode with `guidance(scale)`), the drafter reads the cond row, and the acceptance rule is a
 parameter: `Exact()` is lossless, `Lantern` / `LanternPP` accept a drafted code also for the target mass of its nearest
-codes in the VQ latent space (Jang et al., ICLR 2025; Park et al., 2025), within the rule's bound.
+codes in the VQ latent space (Jang et al., ICLR 2025; Park et al., 2025), `Grouped` for the mass of a dynamic group
+(So et al., ICCV 2025), each within its bound. Drafting is a parameter too: a trained drafter's tree, or training-free
+Jacobi windows (mmspec.jacobi) that need no drafter at all.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .drafter import Drafter
 from .engine import Stats, StepEvent, decode, first_row, guidance
 from .errors import InputError, InputTypeError
 from .image_target import ImageRunner
+from .jacobi import JacobiConfig, JacobiProposer
 from .proposer import EagleProposer, NullProposer
 from .tree import DraftTree
 from .verify import acceptor
@@ -82,6 +85,7 @@ class ImagePipeline:
         self.adapter = adapter
         self.drafter = drafter
         self.tree = tree
+        self.jacobi = JacobiConfig()  # the window draft="jacobi" drafts with
         self.runner = ImageRunner(target, adapter)
         self.device = self.runner.device
         gc = target.generation_config
@@ -138,19 +142,38 @@ class ImagePipeline:
     # ---- generation ----------------------------------------------------------------------------------------------
     def _events(self, prompt: str, guidance_scale: float = 5.0, temperature: float = 1.0, top_k: int = 0,
                 top_p: float = 1.0, seed: int | None = None, acceptance: Exact = EXACT,
-                speculative: bool = True) -> Iterator[StepEvent]:
+                speculative: bool = True, draft: str | JacobiConfig | None = None) -> Iterator[StepEvent]:
         scale = check_guidance(guidance_scale)
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
         rule = check_rule(acceptance)
-        if speculative and self.drafter is None:
-            raise InputError("speculative=True needs a drafter; load one or pass speculative=False")
+        drafting = self.drafting(draft) if speculative else None
         neighbours = self.neighbours_for(rule.k) if rule.relaxed else None
         rows, combine = self.rows_and_combine(prompt, scale)
-        tree = self.tree_for(rule) if speculative else None
-        proposer = self.proposer(tree, scale) if tree is not None and tree.total_tokens > 1 else NullProposer()
-        accept = acceptor(rule, sampling, seeded_generator(self.device, seed), neighbours)
-        return decode(self.runner, proposer, rows, accept, self.adapter.num_codes(self.target), frozenset(), None,
-                      combine)
+        generator = seeded_generator(self.device, seed)
+        n_codes = self.adapter.num_codes(self.target)
+        if isinstance(drafting, JacobiConfig):
+            proposer = JacobiProposer(drafting, sampling, generator, n_codes, self.codebook_size)
+        elif drafting == "drafter" and self.tree_for(rule).total_tokens > 1:
+            proposer = self.proposer(self.tree_for(rule), scale)
+        else:
+            proposer = NullProposer()
+        accept = acceptor(rule, sampling, generator, neighbours)
+        return decode(self.runner, proposer, rows, accept, n_codes, frozenset(), None, combine)
+
+    def drafting(self, draft: str | JacobiConfig | None = None) -> str | JacobiConfig:
+        """What drafts the codes: "drafter" (the loaded drafter's tree), "jacobi" (training-free windows of
+        `self.jacobi`) or a JacobiConfig; None picks the drafter when one is loaded, else jacobi."""
+        if draft is None:
+            draft = "drafter" if self.drafter is not None else "jacobi"
+        if isinstance(draft, JacobiConfig):
+            return draft
+        if draft == "jacobi":
+            return self.jacobi
+        if draft != "drafter":
+            raise InputError(f"draft must be 'drafter', 'jacobi' or a mmspec.JacobiConfig, got {draft!r}")
+        if self.drafter is None:
+            raise InputError("draft='drafter' needs a drafter; load one, or draft='jacobi' (training-free)")
+        return draft
 
     def rows_and_combine(self, prompt: str, scale: float) -> tuple[dict, Callable[[Tensor], Tensor]]:
         """The rows one image decodes (cond, uncond; the cond row alone at scale 1, where the uncond row would be
@@ -210,13 +233,14 @@ class ImagePipeline:
 
     def generate_image(self, prompt: str, *, guidance_scale: float = 5.0, temperature: float = 1.0, top_k: int = 0,
                        top_p: float = 1.0, seed: int | None = None, acceptance: Exact = EXACT,
-                       speculative: bool = True) -> ImageResult:
+                       speculative: bool = True, draft: str | JacobiConfig | None = None) -> ImageResult:
         """Generate one image. `Exact()` at temperature 0 gives the codes of the target's own greedy CFG generate
         (`generate(**prepare(p), generation_mode="image", do_sample=False, guidance_scale=s)`), above it the target's
-        distribution; a relaxed rule moves each code's distribution by at most its bound."""
+        distribution; a relaxed rule moves each code's distribution by at most its bound. `draft`: see `drafting`."""
         codes: list[int] = []
         stats = Stats()
-        for ev in self._events(prompt, guidance_scale, temperature, top_k, top_p, seed, acceptance, speculative):
+        for ev in self._events(prompt, guidance_scale, temperature, top_k, top_p, seed, acceptance, speculative,
+                               draft):
             codes.extend(ev.token_ids)
             stats = ev.stats
         return ImageResult(self.image_of(codes), codes, stats)

@@ -62,8 +62,10 @@ def load(
     """Load a target (and its drafter) ready for speculative decoding: a Pipeline for text and VLM targets, an
     ImagePipeline (generate_image / stream_image) for AR image generators (Janus family, mini-gen).
 
-    drafter: None -> the drafter shipped with a built-in target; a directory from Drafter.save_pretrained; a built-in
-    drafter name; a Drafter instance; or "untrained" (random init, for experiments). device_map="auto" shards a large
+    drafter: None -> the drafter shipped with a built-in target (an image generator without one drafts training-free
+    Jacobi windows); a directory from Drafter.save_pretrained; a built-in drafter name; a Drafter instance;
+    "untrained" (random init, for experiments); or "none" (no drafter: Jacobi drafting for an image generator, plain
+    decoding for a text target). device_map="auto" shards a large
     target across devices through accelerate; the drafter then sits with the LM head.
     draft_dtype: the drafter's own dtype; None -> see `default_draft_dtype` (a Drafter instance: the target's dtype).
     It changes which tokens get proposed, never what is output: the target verifies every one in its own dtype.
@@ -86,6 +88,9 @@ def load(
         if generation_config is not None:
             raise InputError("generation_config applies to text generation; an image generator takes guidance_scale, "
                              "temperature, top_k and top_p in generate_image")
+        if drafter is None and not builtin:
+            logger.info("%s ships no drafter: images are drafted with training-free Jacobi windows", target_name)
+            drafter = "none"
         drafter_obj = _load_drafter(drafter, model, target_name, builtin, draft_dtype)
         return ImagePipeline(model, processor, adapter, drafter_obj, tree, _cache_source(target_name, drafter))
     pipe_config = generation_config if generation_config is not None else model.generation_config
@@ -178,6 +183,8 @@ def _load_drafter(drafter: Any, model, target_name: str, builtin: bool, dtype: t
                 f"'untrained'; train one with `mmspec train-drafter`"
             )
         drafter = BUILTIN_TARGETS[target_name]
+    if str(drafter) == "none":
+        return None
     if isinstance(drafter, Drafter):
         d = drafter.bind(model)
     elif str(drafter) == "untrained":

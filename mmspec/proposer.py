@@ -2,7 +2,8 @@
 
     start(prompt)                        after the target's prefill: prompt tokens, their target features and positions
     propose(root, root_pos) -> DraftTree  the tree to verify next, hanging from the last committed token
-    commit(tree, acceptance, features)   the accepted path's target features, so the drafter can catch up
+    commit(tree, acceptance, features, scores)  the accepted path's target features, so the drafter can catch up, and
+                                         the verify's processed logits [T, V] (what a Jacobi window refines)
     forwards                             drafter forwards run so far (the loop reports the difference per step)
 
 `NullProposer` proposes the root alone, which makes the loop plain autoregressive decoding.
@@ -97,7 +98,8 @@ class NullProposer:
     def propose(self, root: Tensor, root_pos: int) -> DraftTree:
         return DraftTree.from_parents(root.reshape(1), [-1])
 
-    def commit(self, tree: DraftTree, acceptance: Acceptance, hidden_states: tuple[Tensor, ...] | None) -> None:
+    def commit(self, tree: DraftTree, acceptance: Acceptance, hidden_states: tuple[Tensor, ...] | None,
+               scores: Tensor | None = None) -> None:
         pass
 
 
@@ -141,7 +143,8 @@ class EagleProposer:
 
         self._pending = Pairs(*(stack(n) for n in ("features", "tokens", "positions", "embeds", "image_vec")))
 
-    def commit(self, tree: DraftTree, acceptance: Acceptance, hidden_states: tuple[Tensor, ...] | None) -> None:
+    def commit(self, tree: DraftTree, acceptance: Acceptance, hidden_states: tuple[Tensor, ...] | None,
+               scores: Tensor | None = None) -> None:
         dev = tree.tokens.device
         path = acceptance.path.to(dev)
         feats = self.drafter.fuse([h[: self.rows, path] for h in hidden_states])  # [B, n + 1, H]

@@ -8,6 +8,7 @@ parent comes earlier in the order (parents[i] < i), so index order is a topologi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -42,6 +43,9 @@ class DraftTree:
     depths: Tensor  # [T] long, CPU; depths[0] == 0
     mask: Tensor  # [T, T] bool, on tokens.device; mask[i, j] is True when j is i or an ancestor of i
     paths: Tensor  # [P, max_depth + 1] long, CPU; node indices of every root-to-leaf path, padded with -1
+    # [T, V] float: the distribution each drafted node was sampled from (row 0, the root, unused); None when every
+    # draft is a point mass (EAGLE's deterministic top_k expansion). Jacobi windows carry it (see verify).
+    draft_probs: Tensor | None = None
 
     def __post_init__(self) -> None:
         t = self.tokens.shape[0]
@@ -54,6 +58,8 @@ class DraftTree:
             )
         if self.parents.device.type != "cpu" or self.depths.device.type != "cpu":
             raise InputError("DraftTree.parents and depths live on the CPU (the host walks them during acceptance)")
+        if self.draft_probs is not None and (self.draft_probs.dim() != 2 or self.draft_probs.shape[0] != t):
+            raise InputError(f"DraftTree.draft_probs must be [{t}, V], got {tuple(self.draft_probs.shape)}")
         parents = self.parents.tolist()
         _check_parents(parents)
         _check_distinct_siblings(parents, self.tokens.tolist())
@@ -62,12 +68,21 @@ class DraftTree:
     def size(self) -> int:
         return self.tokens.shape[0]
 
+    @cached_property
+    def children(self) -> list[list[int]]:
+        """Each node's children, in index order (the order verification tests siblings in)."""
+        out: list[list[int]] = [[] for _ in range(self.size)]
+        for i, p in enumerate(self.parents.tolist()[1:], start=1):
+            out[p].append(i)
+        return out
+
     @property
     def max_depth(self) -> int:
         return self.paths.shape[1] - 1
 
     @classmethod
-    def from_parents(cls, tokens: Tensor, parents: Tensor | list[int]) -> "DraftTree":
+    def from_parents(cls, tokens: Tensor, parents: Tensor | list[int], draft_probs: Tensor | None = None
+                     ) -> "DraftTree":
         """Derive depths, ancestor mask and paths from the parent list; the one constructor everything goes through."""
         parents = torch.as_tensor(parents, dtype=torch.long).cpu()
         if parents.dim() != 1 or parents.numel() != tokens.numel():
@@ -98,13 +113,16 @@ class DraftTree:
             mask = (torch.tensor(anc, dtype=torch.long)[:, None] >> torch.arange(t)) & 1 == 1
         else:
             mask = torch.tensor([[bool(a >> j & 1) for j in range(t)] for a in anc])
-        return cls(tokens=tokens.reshape(t), parents=parents, depths=depths, mask=mask.to(tokens.device), paths=paths)
+        return cls(tokens=tokens.reshape(t), parents=parents, depths=depths, mask=mask.to(tokens.device), paths=paths,
+                   draft_probs=draft_probs)
 
     @classmethod
-    def chain(cls, tokens: Tensor | list[int], device: torch.device | str | None = None) -> "DraftTree":
-        """A single path: root followed by drafted tokens (EAGLE-1 style chain, or a test oracle's guess)."""
+    def chain(cls, tokens: Tensor | list[int], device: torch.device | str | None = None,
+              draft_probs: Tensor | None = None) -> "DraftTree":
+        """A single path: root followed by drafted tokens (EAGLE-1 style chain, a Jacobi window, or a test oracle's
+        guess)."""
         tokens = torch.as_tensor(tokens, dtype=torch.long, device=device)
-        return cls.from_parents(tokens, torch.arange(-1, tokens.numel() - 1))
+        return cls.from_parents(tokens, torch.arange(-1, tokens.numel() - 1), draft_probs)
 
     @classmethod
     def root_only(cls, token: Tensor | int, device: torch.device | str | None = None) -> "DraftTree":

@@ -4,8 +4,9 @@ Terms used throughout:
 - target_logits: [T, V] the target's logits at every tree node; row i is the target's prediction for the token that
   follows node i on its root-to-node path.
 - target_probs: the same rows warped (temperature, top_k, top_p) and normalised, as transformers' generate samples from.
-- draft_probs: the drafter's distribution over a node's children. EAGLE-2 expands the top_k children deterministically,
-  so a drafted child is a point mass, not a sample; the rejection rule below is the exact one for point-mass proposals.
+- draft_probs: [T, V] the distribution q each drafted node was sampled from (DraftTree.draft_probs). EAGLE-2 expands
+  the top_k children deterministically, so its drafts are point masses (draft_probs None, q = one-hot); a Jacobi
+  window's drafts are samples of the previous verify's distributions. One rejection rule serves both.
 - accepted tokens: the drafted tokens on the accepted root-to-node path (the root itself is already committed).
 - bonus token: one more token drawn from the target at the last accepted node, so every step commits at least one.
 
@@ -21,7 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .acceptance import EXACT
+from .acceptance import EXACT, point_draft
 from .config import SamplingConfig
 from .errors import InputError
 from .tree import DraftTree
@@ -60,9 +61,11 @@ def warp(logits: Tensor, sampling: SamplingConfig) -> Tensor:
 
 def inverse_cdf(weights: Tensor, u: float) -> int:
     """A draw from the unnormalised [V] `weights` by one uniform u in [0, 1): the first token whose cumulative weight
-    exceeds u * total. Tokens of weight 0 are never drawn (their cumulative weight equals the previous one)."""
+    exceeds u * total. Tokens of weight 0 are never drawn: their cumulative weight equals the previous one, and when
+    rounding puts u * total at the very top the draw is the last token of positive weight."""
     cdf = weights.double().cumsum(0)  # float64: the total of a long vocabulary is exact enough to the last token
-    return int(torch.searchsorted(cdf, cdf[-1:] * u, right=True).clamp(max=weights.numel() - 1))
+    last = int((weights > 0).nonzero()[-1]) if bool(cdf[-1] > 0) else weights.numel() - 1
+    return min(int(torch.searchsorted(cdf, cdf[-1:] * u, right=True)), last)
 
 
 def accept_greedy(tree: DraftTree, target_logits: Tensor) -> Acceptance:
@@ -76,12 +79,15 @@ def accept_greedy(tree: DraftTree, target_logits: Tensor) -> Acceptance:
 
 
 def accept_relaxed_greedy(tree: DraftTree, target_logits: Tensor, rule, neighbours: Tensor) -> Acceptance:
-    """Greedy decoding under a relaxed rule: a drafted x is correct when its relaxed mass on its parent's softmax is at
-    least the top probability there, p~(x) >= max p; the bonus is the target's argmax. delta = 0 gives accept_greedy."""
+    """Greedy decoding under a relaxed rule: a drafted x is correct when it is the argmax at its parent or its relaxed
+    mass on the parent's softmax is strictly above the top probability there, p~(x) > max p; the bonus is the
+    target's argmax. With nothing claimed (delta = 0) that is accept_greedy, ties included."""
     probs = target_logits.float().softmax(dim=-1)  # [T, V]
     parents = tree.parents[1:].to(probs.device)
     rows = probs[parents]  # [T - 1, V] each drafted node's parent row
-    wins = rule.relaxed_mass(rows, tree.tokens[1:], neighbours) >= rows.max(dim=-1).values
+    top, best = rows.max(dim=-1)
+    drafted = tree.tokens[1:].to(probs.device)
+    wins = (drafted == best) | (rule.relaxed_mass(rows, drafted, neighbours) > top)
     correct = torch.cat([wins.new_ones(1), wins]).cpu()
     return _longest(tree, tree.tokens.cpu(), correct, probs.argmax(dim=-1).cpu())
 
@@ -97,6 +103,35 @@ def _longest(tree: DraftTree, tokens: Tensor, correct: Tensor, pred: Tensor) -> 
     return Acceptance(path=path, tokens=tuple(tokens[path[1:]].tolist()) + (int(pred[last]),))
 
 
+@dataclass(frozen=True)
+class SiblingTest:
+    """One drafted child tested against its parent's residual (see accept_sampling)."""
+
+    accept: float  # probability that the child is accepted, given that it is tested
+    reached: float  # the residual's mass when the child is tested: P(tested | parent reached)
+    residual: Tensor  # [V] unnormalised: what is left of the parent's distribution after a rejection
+    moved: float  # mass the rule moved for this test (out of the node's budget)
+
+
+def sibling_test(residual: Tensor, token: int, draft_row: Tensor | None, rule, neighbours: Tensor | None,
+                 budget: float) -> SiblingTest:
+    """residual [V] (unnormalised), the child's token, its draft distribution q [V] (None: a point draft) -> the test.
+
+    The child is tested against the rule's relaxed residual r~ with its draft scaled to the residual's mass, Q = m q:
+    accepted with min(1, r~(x) / Q(x)); a rejection leaves max(0, r~ - Q) (SpecInfer's multi-draft residual, which
+    for a point draft is r~ with x removed)."""
+    left = float(residual.sum())
+    if draft_row is None and not rule.relaxed:  # the common EAGLE case, in three ops: x alone, accepted with r(x)/m
+        p_x = float(residual[token])
+        return SiblingTest(1.0 if p_x >= left else p_x / left, left, residual.index_fill(0, torch.tensor([token],
+                           device=residual.device), 0.0), 0.0)
+    draft = point_draft(residual, token) if draft_row is None else draft_row.to(residual.dtype) * left
+    relaxed, moved = rule.relax(residual, draft, neighbours, budget)
+    p_x, q_x = float(relaxed[token]), float(draft[token])
+    accept = 1.0 if p_x >= q_x else p_x / q_x
+    return SiblingTest(accept, left, (relaxed - draft).clamp_(min=0), moved)
+
+
 def accept_sampling(
     tree: DraftTree,
     target_logits: Tensor,
@@ -105,14 +140,14 @@ def accept_sampling(
     rule=EXACT,
     neighbours: Tensor | None = None,
 ) -> Acceptance:
-    """Recursive rejection sampling over siblings (SpecInfer / EAGLE), exact for point-mass drafts.
+    """Recursive rejection sampling over siblings (SpecInfer / EAGLE), exact for point drafts and sampled drafts.
 
-    At a node with target_probs p and children c1, c2, ...: accept c1 with probability p(A(c1)) / p(all), where A is the
-    rule's relaxed set ({c1} for `Exact`); on rejection remove A(c1) from p and test c2 against that residual, and so
-    on. An accepted child becomes the new node; when every child is rejected, or the node is a leaf, the bonus token is
-    drawn from what is left of p. Under `Exact` each committed token is therefore distributed exactly as the target's
-    warped distribution (siblings are distinct, which DraftTree guarantees); a relaxed rule moves it by at most the
-    mass it claims. `neighbours` [V, k] is what a relaxed rule reads; `Exact` ignores it.
+    At a node with target_probs p and children c1, c2, ...: c1 is tested against p (sibling_test); on rejection c2 is
+    tested against what c1 left, and so on. An accepted child becomes the new node; when every child is rejected, or
+    the node is a leaf, the bonus token is drawn from what is left. Under `Exact` each committed token is therefore
+    distributed exactly as the target's warped distribution (siblings carry distinct tokens, which DraftTree
+    guarantees, or independent samples); a relaxed rule moves it by at most the node's budget, which the siblings
+    share. `neighbours` [V, k] is what a relaxed rule reads; `Exact` ignores it.
     """
     if sampling.greedy:
         raise InputError("accept_sampling needs temperature > 0; use accept_greedy for temperature 0")
@@ -120,30 +155,24 @@ def accept_sampling(
     t = tree.size
     # Every decision of the step reads from these draws: uniform u[c] decides child c, u[0] draws the bonus token.
     uniforms = torch.rand(t, generator=generator, device=target_probs.device).tolist()
-    children: list[list[int]] = [[] for _ in range(t)]
-    for i, p in enumerate(tree.parents.tolist()[1:], start=1):
-        children[p].append(i)
-
+    tokens = tree.tokens.tolist()
     node, path = 0, [0]
     residual = target_probs[0]
-    while children[node]:
-        left = 1.0  # mass of the residual: the warped rows sum to one
-        for c in children[node]:
-            members = rule.relaxed_set(residual, tree.tokens[c : c + 1], neighbours)  # [m] A(x) on this residual
-            mass = float(residual[members].sum())
-            if uniforms[c] * left < mass or mass >= left:  # the second test only absorbs rounding when A(x) is all
+    while tree.children[node]:
+        budget = rule.node_budget
+        for c in tree.children[node]:
+            q = None if tree.draft_probs is None else tree.draft_probs[c]
+            test = sibling_test(residual, tokens[c], q, rule, neighbours, budget)
+            if uniforms[c] < test.accept:
                 node = c
                 break
-            residual = residual.index_fill(0, members, 0.0)
-            left -= mass
+            residual, budget = test.residual, budget - test.moved
         else:
             break
         path.append(node)
         residual = target_probs[node]
     bonus = inverse_cdf(residual, uniforms[0])
-    path_t = torch.tensor(path, dtype=torch.long)
-    drafted = tree.tokens[path_t[1:].to(tree.tokens.device)].tolist() if len(path) > 1 else []
-    return Acceptance(path=path_t, tokens=tuple(drafted) + (bonus,))
+    return Acceptance(path=torch.tensor(path, dtype=torch.long), tokens=tuple(tokens[i] for i in path[1:]) + (bonus,))
 
 
 Acceptor = Callable[[DraftTree, Tensor], Acceptance]

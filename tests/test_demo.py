@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 import mmspec
 from mmspec.demos.app import Demo, build_app, load_demo
@@ -53,6 +54,20 @@ def test_generate_endpoint_returns_the_image(served, tmp_path):
     k = got.width // want.width  # the demo scales small images up by whole pixels (nearest)
     assert k >= 1 and got.tobytes() == want.resize((want.width * k, want.height * k), resample=0).tobytes()
     assert "codes/s" in res[1] and res[2].count("mm-code") >= demo.gen.adapter.num_codes(demo.gen.target)
+
+
+def test_generate_endpoint_drafts_with_jacobi_windows(served):
+    from gradio_client import Client
+
+    demo, url = served
+    res = Client(url, verbose=False).predict("a big red circle at the top left", "exact", 8, 0.2, 2.0, 5.0, 4, False,
+                                             "jacobi", api_name="/generate_image")
+    got = Image.open(res[0]).convert("RGB")
+    want = demo.gen.generate_image("a big red circle at the top left", seed=4, draft="jacobi")
+    k = got.width // want.image.width
+    assert got.tobytes() == want.image.resize((want.image.width * k, want.image.height * k), resample=0).tobytes()
+    assert want.stats.draft_forwards == 0 and want.stats.mean_accepted > 1  # drafted without the drafter
+    assert res[2].count("mm-drafted") >= 1
 
 
 def test_bad_uploads_and_rules_are_explained(served, tmp_path):
@@ -112,6 +127,14 @@ def test_in_a_real_browser(served, tmp_path):
         assert page.locator("#code-map .mm-drafted").count() >= 1
         assert "codes/s" in page.inner_text("#generate-speed")
         page.screenshot(path=str(shots / "demo-generate.png"), full_page=True)
+        before = page.inner_text("#generate-speed")
+        page.locator("#drafting").get_by_text("jacobi").click()  # training-free drafting, same page
+        page.click("#generate-button")
+        page.wait_for_function(f"() => document.querySelector('#generate-speed').innerText !== {before!r}",
+                               timeout=120_000)
+        _wait_idle(page)
+        assert page.locator("#code-map .mm-drafted").count() >= 1
+        assert "codes/s" in page.inner_text("#generate-speed")
         browser.close()
 
 

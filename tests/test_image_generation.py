@@ -49,7 +49,7 @@ class Oracle:
         parents = [-1, 0, 0] + list(range(2, 2 + len(chain) - 1))
         return DraftTree.from_parents(torch.tensor(tokens), parents)
 
-    def commit(self, tree, acceptance, hidden_states):
+    def commit(self, tree, acceptance, hidden_states, scores=None):
         pass
 
 
@@ -70,6 +70,23 @@ def test_exact_greedy_equals_janus_generate(pipe, prompt, scale):
         accepted += ev.num_accepted
     assert codes == ref
     assert accepted >= 10  # most codes came from accepted drafts: the tree path was really exercised
+
+
+@pytest.mark.parametrize("window", [1, 4, 16])
+def test_jacobi_greedy_equals_janus_generate_without_a_drafter(tiny_dir, window):
+    """A Janus checkpoint that ships no drafter drafts Jacobi windows by default; at temperature 0 its codes are the
+    target's own greedy CFG generate, whatever the window (16 here is the whole image)."""
+    gen = mmspec.load(tiny_dir("janus"), device="cpu")
+    assert gen.drafter is None and gen.drafting() == gen.jacobi
+    ref = reference(gen, PROMPTS[0], 5.0)
+    res = gen.generate_image(PROMPTS[0], temperature=0.0, draft=mmspec.JacobiConfig(window=window))
+    assert res.token_ids == ref and res.stats.draft_forwards == 0
+    sampled = gen.generate_image(PROMPTS[1], seed=3)  # temperature 1, exact: runs, seeded
+    assert sampled.token_ids == gen.generate_image(PROMPTS[1], seed=3).token_ids
+    with pytest.raises(UserError, match="needs a drafter"):
+        gen.generate_image(PROMPTS[0], draft="drafter")
+    with pytest.raises(UserError, match="draft must be"):
+        gen.generate_image(PROMPTS[0], draft="medusa")
 
 
 def test_guidance_one_is_the_cond_row_alone(pipe):
@@ -175,7 +192,19 @@ def test_generate_image_cli(tiny_dir, tmp_path, capsys):
     assert main(args[:-1] + ["--force", "--seed", "2"]) == 0
 
 
+def test_generate_image_cli_jacobi(tiny_dir, tmp_path, capsys):
+    from mmspec.cli import main
+
+    args = ["generate-image", "a big red circle", "--target", str(tiny_dir("janus")), "--drafter", "untrained",
+            "--out", str(tmp_path / "j.png"), "--draft", "jacobi", "--acceptance", "grouped", "--compare"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "[jacobi] window 16" in printed and "Grouped(k=8, delta=0.3" in printed and "autoregressive" in printed
+
+
 @pytest.mark.parametrize("extra, match", [
+    (["--draft", "drafter", "--window", "4"], "--window"),
+    (["--acceptance", "lantern", "--group-delta", "0.3"], "does not read --group-delta"),
     (["--lantern-delta", "0.3"], "does not read --lantern-delta"),
     (["--acceptance", "lantern", "--lantern-delta", "1.5"], "delta"),
     (["--acceptance", "lantern++", "--lantern-lam", "0.5"], "lam"),

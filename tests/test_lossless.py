@@ -48,7 +48,7 @@ class OracleProposer:
         self.step += 1
         return DraftTree.from_parents(torch.tensor(tokens, device=root.device), parents)
 
-    def commit(self, tree, acceptance, hidden_states):
+    def commit(self, tree, acceptance, hidden_states, scores=None):
         self.done += len(acceptance.tokens)
 
 

@@ -129,16 +129,17 @@ class TableProposer:
             tokens.append(self.ranking[tokens[p]][rank])
         return DraftTree.from_parents(torch.tensor(tokens), self.parents)
 
-    def commit(self, tree, acceptance, hidden_states):
+    def commit(self, tree, acceptance, hidden_states, scores=None):
         pass
 
 
 def engine_draws(job) -> tuple[dict, int]:
-    """One worker's share of a distribution test: `n` generations of `new` tokens through mmspec's engine.
-    Returns (continuation -> count, drafted tokens accepted in all)."""
+    """One worker's share of a distribution test: `n` generations of `new` tokens through mmspec's engine, drafted by
+    a TableProposer of the tree shape `parents` or, when `parents` is a JacobiConfig, by Jacobi windows. Returns (continuation -> count, drafted tokens accepted in all)."""
     from mmspec import Exact, SamplingConfig
     from mmspec.adapters.base import TextAdapter
     from mmspec.engine import decode, first_row, guidance
+    from mmspec.jacobi import JacobiConfig, JacobiProposer
     from mmspec.target import TargetRunner
     from mmspec.verify import acceptor
 
@@ -153,14 +154,17 @@ def engine_draws(job) -> tuple[dict, int]:
               "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
     ranking = model(torch.arange(vocab)[:, None], use_cache=False).logits[:, -1].argsort(-1, descending=True).tolist()
     runner = TargetRunner(model, TextAdapter())
-    accept = acceptor(rule, SamplingConfig(**sampling), torch.Generator().manual_seed(seed), neighbours)
+    generator = torch.Generator().manual_seed(seed)
+    accept = acceptor(rule, SamplingConfig(**sampling), generator, neighbours)
     combine = first_row if scale is None else guidance(scale)
     counts: dict[tuple[int, ...], int] = {}
     accepted = 0
     with torch.inference_mode():  # as mmspec bench runs it; skips autograd's bookkeeping on every small op
         for _ in range(n):
             tokens = []
-            for ev in decode(runner, TableProposer(parents, ranking), inputs, accept, new, frozenset(), combine=combine):
+            proposer = (JacobiProposer(parents, SamplingConfig(**sampling), generator, new, vocab)
+                        if isinstance(parents, JacobiConfig) else TableProposer(parents, ranking))
+            for ev in decode(runner, proposer, inputs, accept, new, frozenset(), combine=combine):
                 tokens.extend(ev.token_ids)
                 accepted += ev.num_accepted
             counts[tuple(tokens)] = counts.get(tuple(tokens), 0) + 1
