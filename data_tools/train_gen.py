@@ -269,13 +269,53 @@ def _trainable(model) -> list[torch.nn.Parameter]:
     return params
 
 
+def _resume(ckpt: Path, model, opt, g: torch.Generator) -> dict:
+    """The loop's state, restored with model, optimizer and generator from ``ckpt`` when it exists."""
+    if not ckpt.exists():
+        return {"step": 0, "elapsed": 0.0, "exported_early": False, "log": []}
+    blob = torch.load(ckpt, weights_only=False)
+    model.load_state_dict(blob["model"])
+    opt.load_state_dict(blob["opt"])
+    g.set_state(blob["rng"])
+    logger.info("resumed the generator at step %d (%.1f min)", blob["state"]["step"], blob["state"]["elapsed"] / 60)
+    return blob["state"]
+
+
+def _save_ckpt(ckpt: Path, model, opt, g: torch.Generator, state: dict) -> None:
+    tmp = ckpt.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": g.get_state(), "state": state}, tmp)
+    tmp.replace(ckpt)
+
+
+def _gen_step(plan, model, opt, params, batch: dict, g: torch.Generator, lr: float, bf16: bool) -> float:
+    """One optimizer step on a random batch of (prompt ids, re-quantised codes); returns the loss."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    idx = torch.randint(len(batch["ids"]), (plan.gen_batch,), generator=g)
+    drop = torch.rand(plan.gen_batch, generator=g) < COND_DROPOUT
+    target = swap_codes(batch["codes"][idx], batch["neighbours"], plan.code_swap_p, g)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = _batch(model, [batch["ids"][i] for i in idx], target, batch["pad"], batch["keep"], drop)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss.item()
+
+
+def _gen_lr(plan, step: int, progress: float) -> float:
+    """200 warmup steps, then a cosine that follows the clock (``progress``), so any budget ends annealed."""
+    return plan.gen_lr * min(1.0, (step + 1) / 200) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
 def train_generator(plan, data: Path, tok_dir: Path, vq_dir: Path, out_dir: Path, export_fn=None) -> dict:
     """Train the generator for ``plan.gen_minutes`` of wall clock (or ``plan.gen_max_steps``); resumable from
     out_dir/ckpt.pt. ``export_fn(model, info)`` is called once after ``plan.export_after_minutes`` and at the end;
     out_dir/final.pt holds the final state dict and out_dir/done.json the training record."""
     import time
 
-    from mmspec.pipeline import cpu_native_bf16
+    from mmspec.hardware import cpu_native_bf16
 
     from .train_vq import pick_threads
 
@@ -284,44 +324,18 @@ def train_generator(plan, data: Path, tok_dir: Path, vq_dir: Path, out_dir: Path
     tokenizer, model, ids, codes = _prepare_generator(plan, data, tok_dir, vq_dir, out_dir)
     pad, keep = tokenizer.pad_token_id, {tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids(BOI)}
     params = _trainable(model)
-    neighbours = code_neighbours(model.model.vqmodel.quantize.embedding.weight, plan.code_swap_k)
+    batch = {"ids": ids["train"], "codes": codes["train"], "pad": pad, "keep": keep,
+             "neighbours": code_neighbours(model.model.vqmodel.quantize.embedding.weight, plan.code_swap_k)}
     opt = torch.optim.AdamW(params, lr=plan.gen_lr, betas=(0.9, 0.95), weight_decay=0.05)
     g = torch.Generator().manual_seed(plan.seed)
-    state = {"step": 0, "elapsed": 0.0, "exported_early": False, "log": []}
     ckpt = out_dir / "ckpt.pt"
-    if ckpt.exists():
-        blob = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(blob["model"])
-        opt.load_state_dict(blob["opt"])
-        g.set_state(blob["rng"])
-        state = blob["state"]
-        logger.info("resumed the generator at step %d (%.1f min)", state["step"], state["elapsed"] / 60)
-    budget, n = plan.gen_minutes * 60, len(ids["train"])
-    held_ids, held_codes = ids["heldout"][:256], codes["heldout"][:256]
+    state = _resume(ckpt, model, opt, g)
+    budget, held = plan.gen_minutes * 60, (ids["heldout"][:256], codes["heldout"][:256])
     model.train()
     t_start, last_ckpt, losses = time.perf_counter() - state["elapsed"], time.perf_counter(), []
-
-    def save_ckpt():
-        tmp = out_dir / "ckpt.tmp"
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": g.get_state(), "state": state}, tmp)
-        tmp.replace(ckpt)
-
     while state["step"] < plan.gen_max_steps and state["elapsed"] < budget:
-        progress = state["elapsed"] / budget  # the cosine follows the clock, so any budget ends annealed
-        lr = plan.gen_lr * min(1.0, (state["step"] + 1) / 200) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        idx = torch.randint(n, (plan.gen_batch,), generator=g)
-        drop = torch.rand(plan.gen_batch, generator=g) < COND_DROPOUT
-        target = swap_codes(codes["train"][idx], neighbours, plan.code_swap_p, g)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = _batch(model, [ids["train"][i] for i in idx], target, pad, keep, drop)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
+        lr = _gen_lr(plan, state["step"], state["elapsed"] / budget)
+        losses.append(_gen_step(plan, model, opt, params, batch, g, lr, bf16))
         state["step"] += 1
         state["elapsed"] = time.perf_counter() - t_start
         if state["step"] % 100 == 0:
@@ -331,20 +345,19 @@ def train_generator(plan, data: Path, tok_dir: Path, vq_dir: Path, out_dir: Path
                         sum(losses[-50:]) / len(losses[-50:]), lr, state["elapsed"] / 60,
                         state["elapsed"] / max(1, state["step"]))
         if time.perf_counter() - last_ckpt > CKPT_SECONDS:
-            held = _heldout_loss(model, held_ids, held_codes, pad, keep)
             state["log"].append({"step": state["step"], "minutes": round(state["elapsed"] / 60, 1),
                                  "train_loss": round(sum(losses[-100:]) / len(losses[-100:]), 4),
-                                 "heldout_loss": round(held, 4)})
+                                 "heldout_loss": round(_heldout_loss(model, *held, pad, keep), 4)})
             logger.info("gen checkpoint: %s", state["log"][-1])
-            save_ckpt()
+            _save_ckpt(ckpt, model, opt, g, state)
             last_ckpt = time.perf_counter()
         if (export_fn is not None and not state["exported_early"] and 0 < plan.export_after_minutes
                 and state["elapsed"] > plan.export_after_minutes * 60):
             state["exported_early"] = True
             export_fn(model, {"generator": {**_record(state, losses), "final": False}})
     state["elapsed"] = time.perf_counter() - t_start
-    save_ckpt()
-    record = {**_record(state, losses), "heldout_loss": round(_heldout_loss(model, held_ids, held_codes, pad, keep), 4),
+    _save_ckpt(ckpt, model, opt, g, state)
+    record = {**_record(state, losses), "heldout_loss": round(_heldout_loss(model, *held, pad, keep), 4),
               "bf16_autocast": bf16, "final": True}
     torch.save(model.state_dict(), out_dir / "final.pt")
     (out_dir / "done.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -381,133 +394,3 @@ def _record(state: dict, losses: list[float]) -> dict:
     recent = losses[-100:] or [float("nan")]
     return {"steps": state["step"], "minutes": round(state["elapsed"] / 60, 1),
             "train_loss": round(sum(recent) / len(recent), 4), "log": state["log"]}
-
-
-# ------------------------------------------------------------------------------------------------------------ export
-def export_gen(model, tok_dir: Path, out_dir: Path, info: dict) -> None:
-    """fp16 safetensors + processor + mmspec_gen.json + build_info.json, swapped into ``out_dir`` in one rename."""
-    import copy
-    import shutil
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
-    for p in (tmp, old):
-        shutil.rmtree(p, ignore_errors=True)
-    half = copy.deepcopy(model).half().eval()
-    half.generation_config = generation_config(tokenizer)
-    half.save_pretrained(str(tmp))
-    make_processor(tokenizer).save_pretrained(str(tmp))
-    (tmp / SIDECAR).write_text(json.dumps(sidecar(tokenizer), indent=1) + "\n")
-    (tmp / "build_info.json").write_text(json.dumps(info, indent=1, default=str) + "\n")
-    for f in tmp.iterdir():
-        f.chmod(0o644)  # save_pretrained writes the weights owner-only; the package is read by everyone
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    logger.info("exported mini-gen to %s", out_dir)
-
-
-def sidecar(tokenizer) -> dict:
-    return {"boi_token_id": tokenizer.convert_tokens_to_ids(BOI),
-            "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE),
-            "num_image_tokens": NUM_IMAGE_TOKENS, "image_px": IMAGE_PX, "grid": [IMAGE_PX // PATCH] * 2,
-            "pixel_range": "decode() returns -1..1 (processor mean = std = 0.5); processor.postprocess maps to 0..255",
-            "prompt_format": "<s><|User|>: {prompt}\n\n<|Assistant|>:<begin_of_image>",
-            "quantisation": "l2-normalised encoder output and codebook, nearest by cosine",
-            "understanding_tower": "tiny and untrained"}
-
-
-# ------------------------------------------------------------------------------------------------------ verification
-def cfg_top1(model, input_ids: torch.Tensor, codes: torch.Tensor, pad: int, keep: set[int],
-             guidance: float = 5.0) -> torch.Tensor:
-    """The target's top-1 probability at each code position [64] of one prompt's codes [1, 64], with CFG at T=1:
-    softmax(uncond + guidance * (cond - uncond)), the combination Janus's ClassifierFreeGuidanceLogitsProcessor uses."""
-    ids = input_ids[0].tolist()
-    two = _batch(model, [ids, ids], codes.repeat(2, 1), pad, keep, torch.tensor([False, True]))
-    logits = two[1] + guidance * (two[0] - two[1])
-    return logits.softmax(-1).max(-1).values
-
-
-def to_pil(model, processor, codes: torch.Tensor) -> list:
-    """codes [B, 64] -> PIL images through the stock decode and processor.postprocess (its "PIL.Image.Image"
-    return type fails in transformers 5.24, so the uint8 tensors are converted here)."""
-    from PIL import Image
-
-    pixels = model.decode_image_tokens(codes).float()  # [B, 32, 32, 3], -1..1
-    images = processor.postprocess(list(pixels), return_tensors="pt")["pixel_values"]  # [B, 3, 32, 32] uint8
-    return [Image.fromarray(im.permute(1, 2, 0).contiguous().numpy()) for im in images]
-
-
-def sample_grid(images: list, prompts: list[str], path: Path, scale: int = 4) -> None:
-    """Images in a 4-wide grid, each over its (wrapped) prompt."""
-    import textwrap
-
-    from PIL import Image, ImageDraw
-
-    side, text_h, cols = 32 * scale, 96, 4
-    rows = (len(images) + cols - 1) // cols
-    grid = Image.new("RGB", (cols * (side + 8), rows * (side + text_h)), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, (im, prompt) in enumerate(zip(images, prompts)):
-        x, y = (i % cols) * (side + 8), (i // cols) * (side + text_h)
-        grid.paste(im.resize((side, side), Image.NEAREST), (x, y))
-        draw.multiline_text((x, y + side + 2), "\n".join(textwrap.wrap(prompt, 24)[:8]), fill="black")
-    grid.save(path)
-
-
-@torch.no_grad()
-def verify_gen(model_dir: Path, heldout_jsonl: Path, n: int, samples_png: Path | None, seed: int = 0,
-               judge_n: int = 0) -> dict:
-    """Reload the export, generate max(n, judge_n) held-out prompts with Janus's own generate (CFG 5, T=1), measure
-    the target's mean top-1 probability on those codes, save a grid of the first n, and have the mini-vlm judge
-    the first judge_n (faithfulness, mmspec.quality)."""
-    model, processor = load_mini_gen(model_dir)
-    tokenizer = processor.tokenizer
-    pad, keep = tokenizer.pad_token_id, {tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids(BOI)}
-    records = _load_records(heldout_jsonl, max(n, judge_n))
-    torch.manual_seed(seed)  # generate samples with torch's global generator
-    all_codes, top1 = [], []
-    for r in records:
-        inputs = processor(text=chat_prompt(processor, r["prompt"]), generation_mode="image", return_tensors="pt")
-        codes = model.generate(**inputs, generation_mode="image", do_sample=True, guidance_scale=5.0)
-        if codes.shape != (1, NUM_IMAGE_TOKENS):
-            raise RuntimeError(f"generate returned {tuple(codes.shape)}, expected (1, {NUM_IMAGE_TOKENS})")
-        all_codes.append(codes)
-        top1.append(cfg_top1(model, inputs["input_ids"], codes, pad, keep))
-    codes = torch.cat(all_codes)
-    images = to_pil(model, processor, codes)
-    if samples_png is not None:
-        samples_png.parent.mkdir(parents=True, exist_ok=True)
-        sample_grid(images[:n], [r["prompt"] for r in records[:n]], samples_png)
-    result = {"n": len(records), "codes_shape": list(codes.shape), "image_size": list(images[0].size),
-              "mean_top1_prob_cfg5_t1": round(torch.stack(top1).mean().item(), 4),
-              "distinct_codes": int(codes.unique().numel())}
-    if judge_n > 0:
-        from mmspec import quality
-
-        from .gen_world import expected_answers
-        from .shapes_world import Scene
-
-        expected = [expected_answers(Scene.from_dict(r["scene"])) for r in records[:judge_n]]
-        verdicts = quality.judge_images(images[:judge_n], expected, full=True)
-        result["judge_cfg5_t1"] = {"n": judge_n, **{k: round(sum(bool(v[k]) for v in verdicts) / judge_n, 3)
-                                                   for k in ("faithful", "count_ok", "colours_ok", "absent_ok")}}
-    logger.info("verified %s: %s", model_dir, result)
-    return result
-
-
-def finish_gen_export(gen_dir: Path, tok_dir: Path, out_dir: Path, heldout_jsonl: Path, n_samples: int,
-                      samples_png: Path | None, info: dict, judge_n: int = 0) -> dict:
-    """Verify the final export and record the result in its build_info.json (kept in gen_dir/verify.json)."""
-    done = gen_dir / "verify.json"
-    if done.exists() and (out_dir / "build_info.json").exists():
-        return json.loads(done.read_text())
-    result = verify_gen(out_dir, heldout_jsonl, n_samples, samples_png or gen_dir / "samples.png", judge_n=judge_n)
-    done.write_text(json.dumps(result, indent=1) + "\n")
-    recorded = json.loads((out_dir / "build_info.json").read_text())
-    recorded.update({**info, "verify": result})
-    (out_dir / "build_info.json").write_text(json.dumps(recorded, indent=1, default=str) + "\n")
-    return result

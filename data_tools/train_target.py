@@ -18,19 +18,15 @@ CLI: ``python -m mmspec.data_tools.train_target --data-dir DIR --out DIR [--visi
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 from transformers import (
     AutoModelForImageTextToText,
@@ -44,12 +40,27 @@ from transformers import (
     LlavaProcessor,
 )
 
-from mmspec.adapters.base import image_chat
 from mmspec.errors import InputError
+from mmspec.hardware import native_bf16, training_device
 
-from .shapes_world import COLOURS, SHAPES, SIZE_PX, TASKS, check_answer, make_dataset
-from .shapes_world import SIZES as SIZES_WORDS
-from .tokenizer import IMAGE, conversation_texts, train_tokenizer
+from .shapes_world import SHAPES, SIZE_PX  # noqa: F401
+from .target_data import (  # noqa: F401  (the data helpers stay importable from here)
+    EncodedSet,
+    _length_grouped_batches,
+    _load_images,
+    _num_image_tokens,
+    cell_labels,
+    chat_messages,
+    collate,
+    encode_example,
+    encode_set,
+    load_records,
+    patch_cells,
+    patch_labels,
+)
+from .target_eval import evaluate_target, grade, image_spread  # noqa: F401
+from .target_vision import VisionProbe, _image_tokens, vision_warmup  # noqa: F401
+from .tokenizer import IMAGE
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +92,11 @@ SIZES = {
     # the decoder's sequences short: a from-scratch decoder learns to look things up over thousands of steps.
     "mini": TargetSize(vision_hidden=256, vision_layers=4, vision_heads=4, patch=10,
                        hidden=384, layers=6, heads=6, kv_heads=6, intermediate=1024, image_px=60),
+    # The built-in mini-vlm since issue #23: the same tower and 36 image tokens, a decoder 24 blocks deep and 256
+    # wide (~25 M parameters). Real targets have 28-32 layers; a one-layer drafter should cost a small share of a
+    # target step, as it does beside them, or the speed figures measure the drafter's cost, not speculation.
+    "deep": TargetSize(vision_hidden=256, vision_layers=4, vision_heads=4, patch=10,
+                       hidden=256, layers=24, heads=4, kv_heads=4, intermediate=768, image_px=60),
     # ~2 M parameters, 2 decoder layers: mini-vlm-assistant, the draft model of transformers' assisted generation.
     # It reads the target's input ids as they are, so it keeps the target's 36 image tokens (same patch size).
     "assistant": TargetSize(vision_hidden=128, vision_layers=2, vision_heads=2, patch=10,
@@ -142,184 +158,6 @@ def build_target(tokenizer_dir: str | Path, out_dir: str | Path, size: str = "mi
     return out_dir
 
 
-# ----------------------------------------------------------------------------------------------------------- data
-def chat_messages(record: dict, with_answer: bool = True) -> list[dict]:
-    """A training record's messages (up to the first answer unless `with_answer`) in the one image chat layout."""
-    turns = list(record["messages"])
-    if not with_answer:
-        turns = turns[: next((i for i, m in enumerate(turns) if m["role"] == "assistant"), len(turns))]
-    return image_chat(turns, len(record.get("images", [])))
-
-
-def encode_example(processor, record: dict) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one conversation as the processor lays it out; labels are -100 off the assistant turns.
-
-    The tokenizer marks assistant tokens through the template's ``{% generation %}`` block; each ``<image>`` is then
-    expanded to the image's patch tokens exactly as ``LlavaProcessor`` expands it (special tokens split the text, so
-    the tokens around them do not change).
-    """
-    tok = processor.tokenizer
-    enc = tok.apply_chat_template(chat_messages(record), tokenize=True, return_dict=True,
-                                  return_assistant_tokens_mask=True)
-    n_img = _num_image_tokens(processor)
-    image_id = tok.convert_tokens_to_ids(IMAGE)
-    ids, labels = [], []
-    for t, m in zip(enc["input_ids"], enc["assistant_masks"]):
-        if t == image_id:
-            ids += [t] * n_img
-            labels += [-100] * n_img
-        else:
-            ids.append(t)
-            labels.append(t if m else -100)
-    return ids, labels
-
-
-def _num_image_tokens(processor) -> int:
-    crop = processor.image_processor.crop_size
-    n = (crop["height"] // processor.patch_size) * (crop["width"] // processor.patch_size)
-    return n + processor.num_additional_image_tokens - (processor.vision_feature_select_strategy == "default")
-
-
-def load_records(jsonl: str | Path) -> list[dict]:
-    """Records of a training JSONL, with image paths made absolute (they are relative to the JSONL's folder)."""
-    jsonl = Path(jsonl)
-    records = []
-    with open(jsonl, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                r["images"] = [str(jsonl.parent / p) for p in r.get("images", [])]
-                records.append(r)
-    return records
-
-
-def _load_images(paths: Sequence[str]) -> list[Image.Image]:
-    out = []
-    for p in paths:
-        with Image.open(p) as im:
-            out.append(im.convert("RGB"))
-    return out
-
-
-def _length_grouped_batches(lengths: Sequence[int], batch_size: int, g: torch.Generator) -> list[list[int]]:
-    """Shuffled batches of similar lengths: sort within shuffled chunks of 64 batches, then shuffle the batches.
-
-    Describe answers are ~10x longer than one-word answers; grouping them wastes far less compute on padding.
-    """
-    order = torch.randperm(len(lengths), generator=g).tolist()
-    chunk = 64 * batch_size
-    batches = []
-    for s in range(0, len(order), chunk):
-        part = sorted(order[s:s + chunk], key=lambda i: lengths[i])
-        batches += [part[k:k + batch_size] for k in range(0, len(part), batch_size)]
-    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-
-
-class VisionProbe(torch.nn.Module):
-    """Training-only auxiliary heads on the projected image tokens, dropped at save time (the shipped model is a plain
-    LlavaForConditionalGeneration).
-
-    Trained from scratch with a text loss alone, a LLaVA on templated answers learns the text prior long before its
-    vision tower says anything useful, and the image tokens collapse (``image_spread`` falls to ~0.05 within 100
-    steps). Two dense signals keep them informative: a cell head reads each 3x3 grid cell's object (shape, colour,
-    size, or empty) from the tokens pooled over the cell, and a patch head reads the cell's object and the cell
-    itself from every single token (:func:`patch_labels`). Colour and size are learned in a few dozen steps; shape
-    is what a ViT from scratch learns slowly. With attributes and cell linearly readable from every token, "what
-    colour is the circle at the top left" is one attention lookup away for the decoder (which the joint run alone
-    learns to ~70 % and build_minis' short-answer stage to 97 %: see the README).
-    """
-
-    SPLITS = (len(SHAPES) + 1, len(COLOURS) + 1, len(SIZES_WORDS) + 1)  # class 0 = no object
-
-    def __init__(self, hidden: int, grid: int) -> None:
-        super().__init__()
-        self.grid = grid
-        self.cell = torch.nn.Linear(hidden, sum(self.SPLITS))
-        self.patch = torch.nn.Linear(hidden, sum(self.SPLITS) + 9)
-        self.register_buffer("patch_cell", patch_cells(grid), persistent=False)
-
-    def forward(self, image_tokens: torch.Tensor, cells: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """image_tokens [N, grid*grid, H]; cells [N, 9, 3] and patches [N, grid*grid, 3] class ids ->
-        (loss, {"cell": exact-cell accuracy, "shape": shape accuracy on occupied cells})."""
-        n, _, h = image_tokens.shape
-        x = image_tokens.reshape(n, self.grid, self.grid, h).permute(0, 3, 1, 2)
-        cell_logits = self.cell(F.adaptive_avg_pool2d(x, 3).flatten(2).transpose(1, 2))
-        patch_logits = self.patch(image_tokens).float()
-        where = F.cross_entropy(patch_logits[..., -9:].reshape(-1, 9), self.patch_cell.repeat(n))
-        loss = (self._ce(cell_logits, cells) + self._ce(patch_logits[..., :-9], patches) + where) / 3
-        with torch.no_grad():
-            parts = cell_logits.split(self.SPLITS, dim=-1)
-            right = torch.stack([p.argmax(-1) == cells[..., k] for k, p in enumerate(parts)])
-            occupied = cells[..., 0] > 0
-            stats = {"cell": right.all(0).float().mean().item(),
-                     "shape": right[0][occupied].float().mean().item() if occupied.any() else float("nan")}
-        return loss, stats
-
-    def _ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        parts = logits.float().split(self.SPLITS, dim=-1)
-        return sum(F.cross_entropy(p.reshape(-1, p.shape[-1]), labels[..., k].reshape(-1))
-                   for k, p in enumerate(parts)) / len(parts)
-
-
-def _object_ids(o: dict) -> torch.Tensor:
-    return torch.tensor([SHAPES.index(o["shape"]) + 1, list(COLOURS).index(o["colour"]) + 1,
-                         SIZES_WORDS.index(o["size"]) + 1])
-
-
-def cell_labels(scene: dict) -> torch.Tensor:
-    """[9, 3] class ids per grid cell for one scene dict: shape, colour, size (1-based), 0 for an empty cell."""
-    out = torch.zeros(9, 3, dtype=torch.long)
-    for o in scene["objects"]:
-        out[o["cell"]] = _object_ids(o)
-    return out
-
-
-def patch_cells(grid: int) -> torch.Tensor:
-    """[grid*grid] the 3x3 grid cell (0..8) each image patch's centre lies in, row-major."""
-    row = ((torch.arange(grid) + 0.5) * 3 / grid).long()
-    return (row[:, None] * 3 + row[None, :]).flatten()
-
-
-def patch_labels(scene: dict, grid: int) -> torch.Tensor:
-    """[grid*grid, 3] class ids per image patch: those of the object in the patch's grid cell, else 0.
-
-    Every patch of an occupied cell carries the object, not only the patches it covers, so the decoder can count
-    objects as a fraction of tokens whatever their sizes, and finds "the circle at the top left" in any of the cell's
-    tokens. With a grid of a multiple of 3 (mini-vlm: 6) the cells are exactly whole patches."""
-    return cell_labels(scene)[patch_cells(grid)]
-
-
-def _scene_labels(records: list[dict], idx: list[int], grid: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(cells, patches) labels of every image of the chosen records, or None when some image has no scene."""
-    scenes = []
-    for i in idx:
-        sc = records[i].get("scene")
-        sc = sc if isinstance(sc, list) else [sc] if sc else []
-        if len(sc) != len(records[i]["images"]):
-            return None
-        scenes += sc
-    if not scenes:
-        return None
-    return (torch.stack([cell_labels(sc) for sc in scenes]), torch.stack([patch_labels(sc, grid) for sc in scenes]))
-
-
-def _collate(processor, records: list[dict], encoded: list[tuple[list[int], list[int]]], idx: list[int],
-             grid: int) -> dict:
-    pad = processor.tokenizer.pad_token_id
-    width = max(len(encoded[i][0]) for i in idx)
-    ids = torch.full((len(idx), width), pad, dtype=torch.long)
-    labels = torch.full((len(idx), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(idx), width), dtype=torch.long)
-    images = []
-    for row, i in enumerate(idx):
-        x, y = encoded[i]
-        ids[row, :len(x)], labels[row, :len(y)], mask[row, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-        images += records[i]["images"]
-    pixels = processor.image_processor(_load_images(images), return_tensors="pt")["pixel_values"]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels,
-            "scene_labels": _scene_labels(records, idx, grid)}
-
-
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor, per_example: bool) -> torch.Tensor:
     """Next-token cross-entropy over the labelled (assistant) tokens: logits [B, T, V], labels [B, T] (-100 = none).
 
@@ -334,80 +172,121 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor, per_example: bool) -
     return ((token * mask).sum(1)[rows] / n[rows]).mean()
 
 
-@torch.no_grad()
-def image_spread(model, pixel_values: torch.Tensor) -> float:
-    """How much the projected image tokens differ between images, relative to their size (pixel_values: (N, 3, H, W)).
-
-    About 0.7 at initialisation. A from-scratch LLaVA can collapse into ignoring its images: the vision tower's
-    output grows a large image-independent component and this ratio falls towards 0 while the loss still falls on
-    the text prior alone. Logged so such a run is stopped early.
-    """
-    feats = _image_tokens(model, pixel_values)
-    return float(feats.std(0).mean() / feats.std().clamp_min(1e-12))
-
-
-def _bf16_supported() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 # ---------------------------------------------------------------------------------------------------------- train
-def _schedule(lr: float, steps: int, warmup: float):
-    """Linear warmup over ``warmup`` of the steps, then cosine decay to a tenth of ``lr`` (steps count from 1)."""
-    n_warm = max(1, int(warmup * steps))
+class Clock:
+    """Where a run is in its schedule: the share of its ``steps`` done or, with ``minutes``, of its wall-clock budget,
+    whichever is further (a run on an unknown machine ends on time with its schedule complete). Linear warmup over
+    ``warmup`` of the run, then cosine decay to a tenth of ``lr``."""
 
-    def lr_at(step: int) -> float:
-        if step <= n_warm:
-            return lr * step / n_warm
-        t = (step - n_warm) / max(1, steps - n_warm)
-        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
-    return lr_at
+    def __init__(self, lr: float, steps: int, warmup: float, minutes: float | None = None) -> None:
+        self.lr, self.steps, self.warmup, self.minutes, self.t0 = lr, steps, max(warmup, 1e-9), minutes, time.time()
+
+    def progress(self, step: int) -> float:
+        p = step / self.steps
+        if self.minutes:
+            p = max(p, (time.time() - self.t0) / (60 * self.minutes))
+        return min(1.0, p)
+
+    def lr_at(self, progress: float) -> float:
+        if progress < self.warmup:
+            return self.lr * min(1.0, max(progress, 1 / self.steps) / self.warmup)
+        t = (progress - self.warmup) / max(1e-9, 1 - self.warmup)
+        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def _image_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    feats = model.model.get_image_features(pixel_values=pixel_values).pooler_output
-    return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats  # (N, tokens, hidden)
+@dataclass
+class _Run:
+    """What one training stage holds while it runs (mutable: the loop advances it)."""
+    model: torch.nn.Module
+    processor: object
+    data: EncodedSet
+    probe: VisionProbe
+    device: torch.device
+    bf16: bool
+    grid: int
 
 
-def vision_warmup(model, processor, records: list[dict], probe: VisionProbe, *, steps: int, batch_size: int,
-                  lr: float, g: torch.Generator, bf16: bool, log_every: int, clip_norm: float = 1.0) -> list[dict]:
-    """Stage 0: train the vision tower and projector alone on the probe's scene labels, so that the language model
-    meets image tokens that already say what is where.
+def _load_run(model_dir, data_jsonl, device: torch.device, bf16: bool | None) -> _Run:
+    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32,
+                                                        attn_implementation="sdpa").to(device)
+    processor = AutoProcessor.from_pretrained(str(model_dir))
+    records = load_records(data_jsonl)
+    if not records:
+        raise InputError(f"{data_jsonl} holds no conversations")
+    t0 = time.time()
+    data = encode_set(processor, records)
+    logger.info("encoded %d conversations and %d images in %.1f s", len(records), len(data.pixels), time.time() - t0)
+    grid = int(round(_num_image_tokens(processor) ** 0.5))
+    probe = VisionProbe(model.config.text_config.hidden_size, grid).to(device)
+    return _Run(model, processor, data.to(device) if device.type == "cuda" else data, probe, device,
+                native_bf16(device) if bf16 is None else bf16, grid)
 
-    LLaVA's own recipe starts from a pretrained CLIP; mini-vlm has none, and a ViT from scratch needs thousands of
-    images' worth of steps to tell a star from a cross. Those steps are ~4x cheaper here (no decoder, no text) than
-    inside the joint run. Images are drawn from the single-image records (with replacement, seeded by ``g``).
-    """
-    singles = [i for i, r in enumerate(records) if len(r["images"]) == 1 and isinstance(r.get("scene"), dict)]
-    if not singles:
-        raise InputError("the vision warm-up needs single-image records with a 'scene' (shapes-world data)")
-    params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
-              *probe.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    lr_at, log, t0 = _schedule(lr, steps, 0.05), [], time.time()
-    model.train()
-    for step in tqdm(range(1, steps + 1), desc="vision warm-up", unit="step", disable=None):
-        idx = [singles[k] for k in torch.randint(len(singles), (batch_size,), generator=g).tolist()]
-        pixels = processor.image_processor(_load_images([records[i]["images"][0] for i in idx]),
-                                           return_tensors="pt")["pixel_values"]
-        cells, patches = _scene_labels(records, idx, probe.grid)
+
+def _optimizer(run: _Run, lr: float, weight_decay: float) -> tuple[torch.optim.Optimizer, list]:
+    trainable = [(n, p) for n, p in run.model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay + list(run.probe.parameters()), "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=run.device.type == "cuda")
+    return opt, decay + no_decay
+
+
+def _train_step(run: _Run, batch: dict, captured: dict, per_example_loss: bool, aux_weight: float):
+    """Forward and backward of one batch: (answer loss, probe shape accuracy or None), both unread tensors."""
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.bf16):
+        logits = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           pixel_values=batch["pixel_values"]).logits
+    loss = answer_loss(logits[:, :-1], batch["labels"][:, 1:], per_example_loss)
+    total, shape_acc = loss, None
+    if aux_weight > 0 and batch["scene_labels"] is not None:
+        aux, stats = run.probe(captured["img"].float(), *batch["scene_labels"])
+        total, shape_acc = loss + aux_weight * aux, stats["shape"]
+    total.backward()
+    return loss.detach(), shape_acc
+
+
+def _loop(run: _Run, opt, params, clock: Clock, *, batch_size: int, g: torch.Generator, per_example_loss: bool,
+          aux_weight: float, clip_norm: float, log_every: int, monitor: list[dict], monitor_every: int) -> dict:
+    """The joint stage's steps until the clock runs out: {"steps", "losses", "monitor", "tokens"}."""
+    captured: dict[str, torch.Tensor] = {}
+    hook = run.model.model.multi_modal_projector.register_forward_hook(
+        lambda _m, _i, out: captured.__setitem__("img", out))
+    spread_pixels = run.data.pixels[:16].to(run.device).float()
+    pad, lengths, batches = run.processor.tokenizer.pad_token_id, run.data.lengths, []
+    losses, monitored, tokens, running, t0, step = [], [], 0, None, time.time(), 0
+    bar = tqdm(total=clock.steps, desc="train mini-vlm", unit="step", disable=None)
+    run.model.train()
+    while clock.progress(step) < 1:
+        step += 1
+        batches = batches or _length_grouped_batches(lengths, batch_size, g)
+        batch = collate(run.data, batches.pop(), run.grid, pad, run.device)
+        lr = clock.lr_at(clock.progress(step - 1))
         for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            tokens = _image_tokens(model, pixels)
-        loss, stats = probe(tokens.float(), cells, patches)
+            group["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, clip_norm)
+        loss, shape_acc = _train_step(run, batch, captured, per_example_loss, aux_weight)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
         opt.step()
-        if step == 1 or step % log_every == 0 or step == steps:
-            log.append({"step": step, "loss": round(loss.item(), 5), "cell_acc": round(stats["cell"], 4),
-                        "shape_acc": round(stats["shape"], 4), "elapsed_s": round(time.time() - t0, 1)})
-            logger.info("warm-up step %d probe loss %.4f cells exact %.3f shapes %.3f %.1fs", step, loss.item(),
-                        stats["cell"], stats["shape"], time.time() - t0)
-    return log
+        tokens += (batch["labels"] != -100).sum()
+        running = loss if running is None else 0.9 * running + 0.1 * loss
+        bar.update()
+        last = clock.progress(step) >= 1
+        if step == 1 or step % log_every == 0 or last:
+            spread = image_spread(run.model, spread_pixels)
+            losses.append({"step": step, "loss": round(loss.item(), 5), "smoothed": round(running.item(), 5),
+                           "grad_norm": round(float(grad_norm), 4), "image_spread": round(spread, 4),
+                           "lr": lr, "elapsed_s": round(time.time() - t0, 1)})
+            logger.info("step %d loss %.4f (smoothed %.4f) grad %.3f lr %.2e image spread %.3f probe shapes %.2f "
+                        "%.1fs", step, loss.item(), running.item(), float(grad_norm), lr, spread,
+                        float("nan") if shape_acc is None else float(shape_acc), time.time() - t0)
+        if monitor and (step % monitor_every == 0 or last):
+            scores, _ = grade(run.model, run.processor, monitor, 16 if run.device.type == "cpu" else len(monitor))
+            monitored.append({"step": step, **scores})
+            logger.info("step %d held-out answers: %s", step, scores)
+    bar.close()
+    hook.remove()
+    return {"steps": step, "losses": losses, "monitor": monitored, "tokens": int(tokens)}
 
 
 def train_target(model_dir: str | Path, data_jsonl: str | Path, out_dir: str | Path, *, steps: int,
@@ -416,177 +295,78 @@ def train_target(model_dir: str | Path, data_jsonl: str | Path, out_dir: str | P
                  clip_norm: float = 1.0, bf16: bool | None = None, aux_weight: float = 1.0,
                  vision_warmup_steps: int = 0, freeze_vision_tower: bool = False,
                  monitor_data: str | Path | None = None, monitor_every: int = 0, monitor_n: int = 96,
-                 per_example_loss: bool = False) -> dict:
+                 per_example_loss: bool = False, minutes: float | None = None,
+                 device: str | torch.device | None = None) -> dict:
     """Train the model in ``model_dir`` on the assistant tokens of ``data_jsonl``; save model + processor to ``out_dir``.
 
     ``vision_warmup_steps`` > 0 first runs :func:`vision_warmup` (batches twice ``batch_size``). The joint stage then
     trains the rest (the vision tower too unless ``freeze_vision_tower``): next-token loss on the assistant tokens
     plus ``aux_weight`` times the probe loss (shapes-world records only). Freezing the warmed-up tower is LLaVA's
     recipe; a pilot that kept training it saw its shape accuracy fall from 1.0 to ~0.85 under the first gradients
-    of the random decoder. AdamW with linear warmup (``warmup`` of the steps) and cosine decay to a tenth of ``lr``;
-    gradients clipped to ``clip_norm``. ``bf16``: bfloat16 autocast (fp32 master weights); None turns it on where
-    the CPU has native bfloat16. ``monitor_data``/``monitor_every``: grade greedy answers to the first
-    ``monitor_n`` count and colour questions of that JSONL every so many steps (logged, kept in the metrics).
-    ``per_example_loss``: every answer weighs the same (token losses averaged within each answer, then over the
-    batch) rather than every token, which lets a long description outweigh a one-word colour answer some twentyfold
-    (``answer_loss``; build_minis' short-answer stage uses it).
+    of the random decoder. AdamW, schedule and stopping by :class:`Clock` (``steps``, or ``minutes`` of wall clock
+    if that runs out first); gradients clipped to ``clip_norm``. ``bf16``: bfloat16 autocast (fp32 master weights);
+    None turns it on where the device has native bfloat16. ``device``: default cuda when available.
+    ``monitor_data``/``monitor_every``: grade greedy answers to the first ``monitor_n`` count and colour questions
+    of that JSONL every so many steps. ``per_example_loss``: every answer weighs the same (``answer_loss``) rather
+    than every token, which lets a long description outweigh a one-word colour answer some twentyfold.
     Returns metrics (losses, time, and ``eval`` when ``eval_data``).
     """
     if steps <= 0 or batch_size <= 0 or lr <= 0 or vision_warmup_steps < 0:
         raise InputError(f"steps, batch_size and lr must be positive and vision_warmup_steps >= 0; got {steps}, "
                          f"{batch_size}, {lr}, {vision_warmup_steps}")
-    torch.set_num_threads(NUM_THREADS)
+    device = training_device(str(device) if device is not None else None)
+    if device.type == "cpu":
+        torch.set_num_threads(NUM_THREADS)
     # Optimizer states of rarely-updated weights decay into subnormal floats, which x86 CPUs compute on in
     # microcode at a small fraction of normal speed; flushing them to zero changes nothing measurable.
     torch.set_flush_denormal(True)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    bf16 = _bf16_supported() if bf16 is None else bf16
-    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32,
-                                                        attn_implementation="sdpa")
-    processor = AutoProcessor.from_pretrained(str(model_dir))
-    records = load_records(data_jsonl)
-    if not records:
-        raise InputError(f"{data_jsonl} holds no conversations")
+    run = _load_run(model_dir, data_jsonl, device, bf16)
     monitor = [r for r in load_records(monitor_data) if r["task"] in ("count", "colour")][:monitor_n] \
         if monitor_data is not None and monitor_every > 0 else []
-    encoded = [encode_example(processor, r) for r in tqdm(records, desc="tokenize", unit="ex", disable=None)]
-    lengths = [len(x) for x, _ in encoded]
-    grid = int(round(_num_image_tokens(processor) ** 0.5))
-    probe = VisionProbe(model.config.text_config.hidden_size, grid)
     t_start = time.time()
-    warm_log = vision_warmup(model, processor, records, probe, steps=vision_warmup_steps, batch_size=2 * batch_size,
-                             lr=lr, g=g, bf16=bf16, log_every=log_every) if vision_warmup_steps else []
-
+    warm_log = vision_warmup(run.model, run.data, run.probe, steps=vision_warmup_steps, batch_size=2 * batch_size,
+                             lr=lr, g=g, bf16=run.bf16, log_every=log_every) if vision_warmup_steps else []
     if freeze_vision_tower:
-        model.model.vision_tower.requires_grad_(False)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trainable if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "embed" not in n)]
-    captured: dict[str, torch.Tensor] = {}
-    hook = model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, out: captured.__setitem__("img", out))
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay + list(probe.parameters()), "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.95), eps=1e-8)
-    lr_at = _schedule(lr, steps, warmup)
-    spread_pixels = _collate(processor, records, encoded, list(range(min(16, len(records)))), grid)["pixel_values"]
-    model.train()
-    batches: list[list[int]] = []
-    losses, monitored, t0, tokens = [], [], time.time(), 0
-    bar = tqdm(range(1, steps + 1), desc="train mini-vlm", unit="step", disable=None)
-    running = None
-    for step in bar:
-        if not batches:
-            batches = _length_grouped_batches(lengths, batch_size, g)
-        batch = _collate(processor, records, encoded, batches.pop(), grid)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           pixel_values=batch["pixel_values"]).logits
-        labels = batch["labels"][:, 1:]
-        loss = answer_loss(logits[:, :-1], labels, per_example_loss)
-        shape_acc, loss_total = float("nan"), loss
-        if aux_weight > 0 and batch["scene_labels"] is not None:
-            aux, stats = probe(captured["img"].float(), *batch["scene_labels"])
-            loss_total, shape_acc = loss + aux_weight * aux, stats["shape"]
-        opt.zero_grad(set_to_none=True)
-        loss_total.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(decay + no_decay, clip_norm)
-        opt.step()
-        tokens += int((labels != -100).sum())
-        running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
-        bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr_at(step):.2e}")
-        if step == 1 or step % log_every == 0 or step == steps:
-            spread = image_spread(model, spread_pixels)
-            losses.append({"step": step, "loss": round(loss.item(), 5), "smoothed": round(running, 5),
-                           "grad_norm": round(float(grad_norm), 4), "image_spread": round(spread, 4),
-                           "elapsed_s": round(time.time() - t0, 1)})
-            logger.info("step %d loss %.4f (smoothed %.4f) grad %.3f lr %.2e image spread %.3f probe shapes %.2f "
-                        "%.1fs", step, loss.item(), running, float(grad_norm), lr_at(step), spread, shape_acc,
-                        time.time() - t0)
-        if monitor and (step % monitor_every == 0 or step == steps):
-            scores, _ = grade(model, processor, monitor)
-            monitored.append({"step": step, **scores})
-            logger.info("step %d held-out answers: %s", step, scores)
+        run.model.model.vision_tower.requires_grad_(False)
+    opt, params = _optimizer(run, lr, weight_decay)
+    t0 = time.time()
+    done = _loop(run, opt, params, Clock(lr, steps, warmup, minutes), batch_size=batch_size, g=g,
+                 per_example_loss=per_example_loss, aux_weight=aux_weight, clip_norm=clip_norm, log_every=log_every,
+                 monitor=monitor, monitor_every=max(1, monitor_every))
     train_s = time.time() - t_start
-    hook.remove()
-    model.eval()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir))
-    processor.save_pretrained(str(out_dir))
-    model.requires_grad_(True)
-    metrics = {"steps": steps, "vision_warmup_steps": vision_warmup_steps, "freeze_vision_tower": freeze_vision_tower,
-               "per_example_loss": per_example_loss,
-               "batch_size": batch_size, "lr": lr,
-               "seed": seed, "bf16_autocast": bf16, "n_train_examples": len(records), "assistant_tokens_seen": tokens,
-               "params": sum(p.numel() for p in model.parameters()), "train_s": round(train_s, 1),
-               "s_per_step": round((time.time() - t0) / steps, 3), "first_loss": losses[0]["loss"],
-               "final_loss": losses[-1]["smoothed"], "losses": losses, "vision_warmup": warm_log,
-               "monitor": monitored}
+    _save(run, out_dir)
+    metrics = {"steps": done["steps"], "planned_steps": steps, "minutes_cap": minutes, "device": str(device),
+               "vision_warmup_steps": vision_warmup_steps, "freeze_vision_tower": freeze_vision_tower,
+               "per_example_loss": per_example_loss, "batch_size": batch_size, "lr": lr, "seed": seed,
+               "bf16_autocast": run.bf16, "n_train_examples": len(run.data.records),
+               "assistant_tokens_seen": done["tokens"], "params": sum(p.numel() for p in run.model.parameters()),
+               "train_s": round(train_s, 1), "s_per_step": round((time.time() - t0) / done["steps"], 4),
+               "first_loss": done["losses"][0]["loss"], "final_loss": done["losses"][-1]["smoothed"],
+               "losses": done["losses"], "vision_warmup": warm_log, "monitor": done["monitor"]}
     if eval_data is not None:
-        metrics["eval"] = evaluate_target(out_dir, eval_data)
+        metrics["eval"] = evaluate_target(out_dir, eval_data, device=device)
     return metrics
 
 
-# ----------------------------------------------------------------------------------------------------------- eval
-@torch.no_grad()
-def evaluate_target(model_dir: str | Path, eval_jsonl: str | Path, n: int | None = None, batch_size: int = 16,
-                    predictions_out: str | Path | None = None) -> dict:
-    """Greedy answers to the first ``n`` held-out examples, graded with ``check_answer``: {task: accuracy, ...}.
-
-    ``overall`` is the accuracy over all graded examples; ``predictions_out`` (optional) receives one JSON line per
-    example with the question, the model's answer, the reference and whether it was graded correct.
-    """
-    torch.set_num_threads(NUM_THREADS)
-    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32,
-                                                        attn_implementation="sdpa").eval()
-    processor = AutoProcessor.from_pretrained(str(model_dir))
-    results, preds = grade(model, processor, load_records(eval_jsonl)[:n], batch_size)
-    if predictions_out is not None:
-        with open(predictions_out, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(p) + "\n" for p in preds)
-    return results
-
-
-@torch.no_grad()
-def grade(model, processor, records: list[dict], batch_size: int = 16) -> tuple[dict, list[dict]]:
-    """({task: accuracy, "overall": ...}, predictions) of greedy answers by an in-memory model to ``records``."""
-    was_training, side = model.training, processor.tokenizer.padding_side
-    model.eval()
-    processor.tokenizer.padding_side = "left"  # batched generation appends on the right
-    by_task: dict[str, list[dict]] = {}
-    for r in records:
-        by_task.setdefault(r["task"], []).append(r)
-    results, preds = {}, []
-    bar = tqdm(total=len(records), desc="evaluate mini-vlm", unit="ex", disable=None, leave=False)
-    for task in sorted(by_task, key=lambda t: TASKS.index(t) if t in TASKS else len(TASKS)):
-        rs, correct = by_task[task], 0
-        for s in range(0, len(rs), batch_size):
-            chunk = rs[s:s + batch_size]
-            texts = [processor.apply_chat_template(chat_messages(r, with_answer=False), add_generation_prompt=True,
-                                                   tokenize=False) for r in chunk]
-            images = [im for r in chunk for im in _load_images(r["images"])]
-            inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt")
-            out = model.generate(**inputs, do_sample=False, max_new_tokens=224 if task == "describe" else 48)
-            answers = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-            for r, a in zip(chunk, answers):
-                ok = check_answer(r, a)
-                correct += ok
-                preds.append({"task": task, "question": r["messages"][0]["content"], "answer": a.strip(),
-                              "reference": r["messages"][1]["content"], "correct": bool(ok)})
-            bar.update(len(chunk))
-        results[task] = round(correct / len(rs), 4)
-    bar.close()
-    results["overall"] = round(sum(p["correct"] for p in preds) / max(1, len(preds)), 4)
-    processor.tokenizer.padding_side = side
-    model.train(was_training)
-    return results, preds
+def _save(run: _Run, out_dir: str | Path) -> None:
+    run.model.eval()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run.model.save_pretrained(str(out_dir))
+    run.processor.save_pretrained(str(out_dir))
+    run.model.requires_grad_(True)
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import tempfile
+
+    from .shapes_world import TASKS, make_dataset
+    from .tokenizer import conversation_texts, train_tokenizer
+
     parser = argparse.ArgumentParser(prog="python -m mmspec.data_tools.train_target",
                                      description="Generate shapes-world data, train the tokenizer, build, train and "
                                                  "evaluate the mini-vlm target.")
@@ -605,7 +385,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--n-eval", type=int, default=700, help="held-out examples to generate when missing")
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="bfloat16 autocast (default: where the CPU supports it natively)")
+                        help="bfloat16 autocast (default: where the device supports it natively)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     args = parser.parse_args(argv)
     if args.size not in SIZES:
         parser.error(f"--size must be one of {', '.join(SIZES)}, got {args.size!r}")
@@ -637,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                seed=args.seed, log_every=args.log_every, bf16=args.bf16,
                                vision_warmup_steps=args.vision_warmup_steps,
                                freeze_vision_tower=args.freeze_vision_tower, monitor_data=eval_jsonl,
-                               monitor_every=max(1, args.steps // 4))
+                               monitor_every=max(1, args.steps // 4), device=args.device)
     metrics["size"] = args.size
     metrics["eval"] = evaluate_target(out, eval_jsonl, predictions_out=out / "eval_predictions.jsonl")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")

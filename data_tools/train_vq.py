@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from mmspec.pipeline import cpu_native_bf16
+from mmspec.hardware import cpu_native_bf16
 
 from .gen_world import IMAGE_PX, object_mask_32
 from .shapes_world import Scene

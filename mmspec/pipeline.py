@@ -20,6 +20,7 @@ from .config import AutoTreeConfig, SamplingConfig, TreeConfig, check_max_new_to
 from .drafter import Drafter
 from .engine import Stats, StepEvent, decode
 from .errors import InputError, InputTypeError
+from .hardware import cpu_native_bf16
 from .image_autotune import tune_image_trees
 from .image_pipeline import ImagePipeline
 from .images import cast_pixels, load_images
@@ -128,11 +129,6 @@ def _as_dtype(value: torch.dtype | str | None, what: str) -> torch.dtype | None:
     if name not in ("float32", "bfloat16", "float16"):
         raise InputError(f"unknown {what} {value!r}; use float32, bfloat16 or float16")
     return getattr(torch, name)
-
-
-def cpu_native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); elsewhere bf16 math is emulated and slow."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def default_draft_dtype(target_dtype: torch.dtype, device: torch.device, hidden_size: int = 0,

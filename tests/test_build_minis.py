@@ -11,8 +11,9 @@ from mmspec.data_tools.build_minis import PLANS, build, select_tasks
 from mmspec.drafter import Drafter
 
 SHIPPED = ("mini-vlm", "mini-vlm-assistant", "mini-vlm-eagle", "mini-vlm-vispec")
-STAGES = {"data", "drafter-data", "tokenizer", "target", "target-qa", "count-data", "target-count", "target-eval",
-          "target-test", "regenerate", "mini-vlm-vispec", "mini-vlm-eagle", "assistant"}
+STAGES = {"eval-data", "data", "drafter-data", "tokenizer", "target", "target-qa", "count-data", "target-count",
+          "target-eval", "target-test", "target-residuals", "regenerate", "mini-vlm-vispec", "mini-vlm-eagle",
+          "assistant"}
 
 
 def _files(root):

@@ -108,14 +108,14 @@ def test_vision_warmup_trains_the_tower_only(micro):
     decoder = {k: v.clone() for k, v in model.model.language_model.state_dict().items()}
     tower = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
     probe = tt.VisionProbe(model.config.text_config.hidden_size, 4)
-    log = tt.vision_warmup(model, processor, records, probe, steps=8, batch_size=8, lr=3e-3,
+    log = tt.vision_warmup(model, tt.encode_set(processor, records, workers=1), probe, steps=8, batch_size=8, lr=3e-3,
                            g=torch.Generator().manual_seed(0), bf16=False, log_every=1)
     assert len(log) == 8 and log[-1]["loss"] < log[0]["loss"]
     assert all(torch.equal(v, model.model.language_model.state_dict()[k]) for k, v in decoder.items())
     assert any(not torch.equal(v, model.model.vision_tower.state_dict()[k]) for k, v in tower.items())
     text_only = [{**r, "images": [], "scene": None} for r in records]
     with pytest.raises(ValueError, match="single-image records"):
-        tt.vision_warmup(model, processor, text_only, probe, steps=1, batch_size=2, lr=1e-3,
+        tt.vision_warmup(model, tt.encode_set(processor, text_only, workers=1), probe, steps=1, batch_size=2, lr=1e-3,
                          g=torch.Generator().manual_seed(0), bf16=False, log_every=1)
 
 
