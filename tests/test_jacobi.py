@@ -4,9 +4,6 @@ per node, on a branching tree of point drafts and on a sampled draft."""
 
 from __future__ import annotations
 
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
-
 import pytest
 import torch
 
@@ -20,7 +17,7 @@ from mmspec.target import TargetRunner
 from mmspec.adapters.base import TextAdapter
 from mmspec.verify import accept_greedy, accept_relaxed_greedy, accept_sampling, acceptor, inverse_cdf, sibling_test
 from mmspec.verify import warp
-from toy_target import ToyLM, chi_square_pvalue, engine_draws, sequence_probs
+from toy_target import ToyLM, chi_square_pvalue, pooled_engine_draws, sequence_probs
 
 VOCAB, NEW, DRAWS = 5, 3, 20_000
 ROWS = [[1, 3, 2, 4], [1, 0]]  # cond and a shorter (left-padded) uncond row
@@ -38,13 +35,7 @@ def tv_bound(n: int, vocab: int, alpha: float = 1e-4) -> float:
 def test_jacobi_exact_samples_the_guided_distribution(config, sampling):
     """Every committed sequence of 3 tokens (125 outcomes) against the target's guided, warped distribution."""
     jobs = [(config, sampling, 2.0, ROWS, NEW, DRAWS // 2, seed) for seed in (1, 2)]
-    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        results = list(pool.map(engine_draws, jobs))
-    counts, accepted = {}, 0
-    for half, half_accepted in results:
-        for seq, c in half.items():
-            counts[seq] = counts.get(seq, 0) + c
-        accepted += half_accepted
+    counts, accepted = pooled_engine_draws(jobs)
     combine, cfg = guidance(2.0), SamplingConfig(**sampling)
     exact = sequence_probs(ToyLM(VOCAB), ROWS, NEW, lambda logits, _: warp(combine(logits[:, None])[0], cfg))
     assert accepted > DRAWS / 10  # sampled drafts were accepted, so q-tests and cache edits were exercised

@@ -4,9 +4,6 @@ under Lantern against the analytically relaxed distribution (toy target, every c
 
 from __future__ import annotations
 
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
-
 import pytest
 import torch
 
@@ -15,7 +12,7 @@ from mmspec.acceptance import point_draft
 from mmspec.engine import guidance
 from mmspec.image_pipeline import neighbour_table
 from mmspec.verify import accept_greedy, accept_relaxed_greedy, acceptor, warp
-from toy_target import ToyLM, chi_square_pvalue, engine_draws, sequence_probs
+from toy_target import ToyLM, chi_square_pvalue, pooled_engine_draws, sequence_probs
 
 
 def random_case(seed: int, vocab: int = 40, k: int = 8):
@@ -140,13 +137,7 @@ def test_engine_commits_the_relaxed_distribution():
 
     want = sequence_probs(model, ROWS, NEW, to_probs)
     jobs = [(CHAIN, SAMPLING, 2.0, ROWS, NEW, DRAWS // 2, seed, RULE, TABLE) for seed in (1, 2)]
-    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        results = list(pool.map(engine_draws, jobs))
-    counts, accepted = {}, 0
-    for half, half_accepted in results:
-        for seq, c in half.items():
-            counts[seq] = counts.get(seq, 0) + c
-        accepted += half_accepted
+    counts, accepted = pooled_engine_draws(jobs)
     exact = sequence_probs(model, ROWS, NEW, lambda logits, _: warp(combine(logits[:, None])[0], cfg))
     tv = 0.5 * sum(abs(want[s] - exact[s]) for s in exact)
     assert 0.01 < tv  # the relaxation moves this target's distribution, so the test can tell the two apart

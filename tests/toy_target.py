@@ -169,3 +169,18 @@ def engine_draws(job) -> tuple[dict, int]:
                 accepted += ev.num_accepted
             counts[tuple(tokens)] = counts.get(tuple(tokens), 0) + 1
     return counts, accepted
+
+
+def pooled_engine_draws(jobs: list) -> tuple[dict, int]:
+    """engine_draws over `jobs` split across two processes (this machine has two cores), the counts pooled."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(engine_draws, jobs))
+    counts, accepted = {}, 0
+    for half, half_accepted in results:
+        for seq, c in half.items():
+            counts[seq] = counts.get(seq, 0) + c
+        accepted += half_accepted
+    return counts, accepted
