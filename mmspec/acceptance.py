@@ -289,7 +289,9 @@ def _trimmed(relaxed: Tensor, residual: Tensor, draft: Tensor, members: Tensor, 
     p_j, q_j = (inside * r).sum(1), (inside * q).sum(1)
     spread = torch.where(q_j[:, None] > 0, q * (p_j / q_j.clamp(min=1e-30))[:, None], r)  # [prefix, member]
     cost = ((spread - r).abs() * inside).sum(1) / 2
-    best = int((cost <= budget).nonzero()[-1])  # prefix 0 (the leader alone) costs nothing
+    fits = cost <= budget
+    fits[0] = True  # the leader alone moves nothing (its cost may round to a hair above 0, or the budget below it)
+    best = int(fits.nonzero()[-1])
     out = relaxed.clone()
     out[idx[: best + 1]] = spread[best, : best + 1]
     return out, moved + float(cost[best])

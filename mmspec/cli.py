@@ -140,6 +140,8 @@ def build_parser() -> Parser:
                     help="the drafter's MLP width (default: the target's); narrower drafts faster on a CPU")
     tr.add_argument("--num-heads", type=_positive_int, default=None,
                     help="the drafter's attention heads (default: the target's)")
+    tr.add_argument("--draft-vocab", type=_positive_int, default=None, metavar="N",
+                    help="predict only the N most frequent target tokens of the data (EAGLE-3; default: all)")
     tr.add_argument("--epochs", type=_positive_int, default=1)
     tr.add_argument("--max-steps", type=_positive_int, default=None)
     tr.add_argument("--batch-size", type=_positive_int, default=8)
@@ -167,12 +169,25 @@ def build_parser() -> Parser:
 
     add_demo_args(demo)
 
+    _add_drafter_file_parsers(sub)
+    return parser
+
+
+def _add_drafter_file_parsers(sub) -> None:
+    """`mmspec export-drafter` (to the engines' layout) and `mmspec convert-drafter` (from a published one)."""
     ex = sub.add_parser("export-drafter", help="write a drafter in another engine's checkpoint layout")
     ex.add_argument("drafter", type=Path)
     ex.add_argument("--format", required=True, choices=["eagle3"])
     ex.add_argument("--out", type=Path, required=True)
     ex.add_argument("--drop-vision-adaptor", action="store_true")
-    return parser
+    ex.add_argument("--target", default=None, help="the drafter's target (default: the one recorded at training)")
+    cv = sub.add_parser("convert-drafter", help="convert a published EAGLE-1/2 or EAGLE-3 drafter to mmspec's layout")
+    cv.add_argument("src", help="checkpoint directory or cached Hugging Face id")
+    cv.add_argument("--out", type=Path, required=True)
+    cv.add_argument("--target", default=None, help="the target it drafts for (needed when the checkpoint does not "
+                    "name the target layers it reads: EAGLE-1/2, EAGLE-3 without aux layer ids)")
+    cv.add_argument("--trust-pickle", action="store_true", help="read pytorch_model.bin and other pickles (only for a "
+                    "source you trust: unpickling can run code)")
 
 
 def _tree(args) -> "object":
@@ -391,12 +406,21 @@ def cmd_demo(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_eagle3
 
-    export_eagle3(args.drafter, args.out, drop_vision_adaptor=args.drop_vision_adaptor)
+    export_eagle3(args.drafter, args.out, drop_vision_adaptor=args.drop_vision_adaptor, target=args.target)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .external_drafters import convert
+
+    convert(args.src, args.out, target=args.target, trust_pickle=args.trust_pickle)
     print(f"wrote {args.out}")
     return 0
 
 
 COMMANDS = {"caption": cmd_caption, "bench": cmd_bench, "train-drafter": cmd_train, "export-drafter": cmd_export,
+            "convert-drafter": cmd_convert,
             "generate-image": cmd_generate_image, "demo": cmd_demo}
 
 

@@ -6,6 +6,11 @@ Layout follows EAGLE-3 so one module serves both fusion modes and exports to the
 The layer's attention reads [norm(embedding) | norm(feature)] (2H wide q/k/v); the residual stream is the feature. Its
 output is a predicted next feature: fed back as the feature for the next draft depth, and through `norm` + the target's
 LM head it gives the draft logits.
+
+Published checkpoints (mmspec.external_drafters) add config fields: layer="eagle2" (EAGLE-1/2: `embed_fc` projects
+[embedding | feature] into a plain layer's residual stream, no norms on its inputs or before the head);
+draft_vocab_size (an own LM head over a reduced draft vocabulary, token map `d2t`, mmspec.draft_vocab); an own
+embedding, target features of another width, SpecForge's fc_norm.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .adapters import adapter_for, generates_images
+from .draft_kv import DraftKV  # noqa: F401 - re-exported: the proposer and tests import it from here
 from .errors import InputError, MissingInputError
 from .vision import VisionAdaptor
 
@@ -31,6 +37,7 @@ CONFIG_NAME = "mmspec_drafter.json"
 WEIGHTS_NAME = "model.safetensors"
 FUSIONS = ("last", "multi_layer")
 MODALITIES = ("text", "image")
+LAYERS = ("eagle3", "eagle2")
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,13 @@ class DrafterConfig:
     # trained on each row's own distribution, and drafts from their logits combined as the target's (LANTERN)
     draft_rows: int = 1
     extra: dict = field(default_factory=dict)
+    layer: str = "eagle3"  # "eagle2": EAGLE-1/2's layer (see the module docstring)
+    draft_vocab_size: int | None = None  # None: the target's LM head over its whole vocabulary (borrowed, never saved)
+    own_embedding: bool = False  # a token embedding of the drafter's own instead of the target's
+    target_hidden_size: int | None = None  # width of each target feature, when it differs from hidden_size
+    fc_bias: bool = False  # eagle2: embed_fc has a bias
+    head_norm: bool = True  # `norm` before the LM head (EAGLE-3); EAGLE-1/2 read the output as it is
+    fc_norm: bool = False  # SpecForge's fc_norm: an RMSNorm on each target feature before fc
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
@@ -67,9 +81,25 @@ class DrafterConfig:
             raise InputError(f"draft_rows must be 1, or 2 for an image drafter (both CFG rows), got {self.draft_rows}")
         if self.modality == "image" and self.vision_adaptor:
             raise InputError("an image-code drafter reads no input images: use vision_adaptor=False")
-        bad = [i for i in self.feature_layers if not 0 <= i <= self.target_num_layers]
+        # target_num_layers 0: not recorded (a converted checkpoint that names its layers); checked at bind
+        bad = [i for i in self.feature_layers if i < 0 or (self.target_num_layers and i > self.target_num_layers)]
         if bad:
             raise InputError(f"feature_layers {bad} outside the target's 0..{self.target_num_layers} hidden states")
+        self._check_variant()
+
+    def _check_variant(self) -> None:
+        """The published-checkpoint variations: only the combinations the layer can compute."""
+        if self.layer not in LAYERS:
+            raise InputError(f"layer must be one of {LAYERS}, got {self.layer!r}")
+        if self.layer == "eagle2" and (self.fusion != "last" or self.vision_adaptor or self.modality != "text"):
+            raise InputError("an eagle2 layer drafts text from the last hidden state: fusion='last', no vision adaptor")
+        if self.draft_vocab_size is not None and not 1 <= self.draft_vocab_size <= self.vocab_size:
+            raise InputError(f"draft_vocab_size must be 1..{self.vocab_size}, got {self.draft_vocab_size}")
+        wide = self.target_hidden_size not in (None, self.hidden_size)
+        if wide and (self.fusion != "multi_layer" or not self.own_embedding or self.draft_vocab_size is None):
+            raise InputError("target features of another width need fc (multi_layer), an own embedding and LM head")
+        if self.fc_norm and self.fusion != "multi_layer":
+            raise InputError("fc_norm normalises the features fc fuses; it needs fusion='multi_layer'")
 
     def to_json(self) -> str:
         return json.dumps({"format": "mmspec-drafter", "version": 1, **asdict(self)}, indent=2, sort_keys=True)
@@ -118,51 +148,32 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
         raise InputError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
 
 
-class DraftKV:
-    """The drafter's own KV cache: preallocated buffers that grow by doubling, cropped back after every draft."""
-
-    def __init__(self) -> None:
-        self.k: Tensor | None = None  # [B, kv_heads, capacity, head_dim]
-        self.v: Tensor | None = None
-        self.length = 0
-
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        n = k.shape[2]
-        if self.k is None or self.length + n > self.k.shape[2]:
-            cap = max(256, 2 * (self.length + n))
-            new_k = k.new_zeros(k.shape[0], k.shape[1], cap, k.shape[3])
-            new_v = torch.zeros_like(new_k)
-            if self.k is not None:
-                new_k[:, :, : self.length] = self.k[:, :, : self.length]
-                new_v[:, :, : self.length] = self.v[:, :, : self.length]
-            self.k, self.v = new_k, new_v
-        self.k[:, :, self.length : self.length + n] = k
-        self.v[:, :, self.length : self.length + n] = v
-        self.length += n
-        return self.k[:, :, : self.length], self.v[:, :, : self.length]
-
-    def crop(self, length: int) -> None:
-        self.length = min(self.length, length)
-
-
 class Drafter(nn.Module):
     def __init__(self, config: DrafterConfig) -> None:
         super().__init__()
         self.config = c = config
         h, hd = c.hidden_size, c.head_dim
-        n_feat = len(c.feature_layers)
-        self.fc = nn.Linear(n_feat * h, h, bias=False) if c.fusion == "multi_layer" else None
-        self.input_norm = nn.RMSNorm(h, eps=c.rms_norm_eps)
-        self.hidden_norm = nn.RMSNorm(h, eps=c.rms_norm_eps)
-        self.q_proj = nn.Linear(2 * h, c.num_attention_heads * hd, bias=False)
-        self.k_proj = nn.Linear(2 * h, c.num_key_value_heads * hd, bias=False)
-        self.v_proj = nn.Linear(2 * h, c.num_key_value_heads * hd, bias=False)
+        n_feat, th = len(c.feature_layers), c.target_hidden_size or c.hidden_size
+        self.fc = nn.Linear(n_feat * th, h, bias=False) if c.fusion == "multi_layer" else None
+        eagle3 = c.layer == "eagle3"
+        self.input_norm = nn.RMSNorm(h, eps=c.rms_norm_eps) if eagle3 else None
+        self.hidden_norm = nn.RMSNorm(h, eps=c.rms_norm_eps) if eagle3 else None
+        self.embed_fc = None if eagle3 else nn.Linear(2 * h, h, bias=c.fc_bias)
+        qkv_in = 2 * h if eagle3 else h
+        self.q_proj = nn.Linear(qkv_in, c.num_attention_heads * hd, bias=False)
+        self.k_proj = nn.Linear(qkv_in, c.num_key_value_heads * hd, bias=False)
+        self.v_proj = nn.Linear(qkv_in, c.num_key_value_heads * hd, bias=False)
         self.o_proj = nn.Linear(c.num_attention_heads * hd, h, bias=False)
         self.post_norm = nn.RMSNorm(h, eps=c.rms_norm_eps)
         self.gate_proj = nn.Linear(h, c.intermediate_size, bias=False)
         self.up_proj = nn.Linear(h, c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, h, bias=False)
-        self.norm = nn.RMSNorm(h, eps=c.rms_norm_eps)
+        self.norm = nn.RMSNorm(h, eps=c.rms_norm_eps) if c.head_norm else None
+        self.fc_norm = nn.ModuleList(nn.RMSNorm(th, eps=c.rms_norm_eps) for _ in range(n_feat)) if c.fc_norm else None
+        self.draft_embed = nn.Embedding(c.vocab_size, h) if c.own_embedding else None
+        self.draft_head = nn.Linear(h, c.draft_vocab_size, bias=False) if c.draft_vocab_size is not None else None
+        # d2t [draft_vocab_size] int64: target id = draft id + d2t[draft id]; None for the full vocabulary
+        self.register_buffer("d2t", None if c.draft_vocab_size is None else torch.zeros(c.draft_vocab_size).long())
         self.vision: VisionAdaptor | None = None
         self.inject: nn.Linear | None = None
         if c.vision_adaptor:
@@ -192,11 +203,14 @@ class Drafter(nn.Module):
         draft_rows: int = 1,
         intermediate_size: int | None = None,
         num_heads: int | None = None,
+        draft_vocab: Tensor | None = None,
     ) -> "Drafter":
         """An untrained drafter sized to the target (a transformers model or its config). For an AR image generator
         (Janus family) it drafts image codes: modality "image", no vision adaptor. intermediate_size and num_heads
         (default: the target's) make a leaner layer: a draft forward reads every drafter weight, so on a CPU its
-        cost follows their size; the head width stays the target's, so the rotary angles are the same."""
+        cost follows their size; the head width stays the target's, so the rotary angles are the same.
+        draft_vocab: [N] ascending target ids of a reduced draft vocabulary (mmspec.draft_vocab.most_frequent); the
+        drafter then has its own LM head over them, initialised from those rows of the target's."""
         model = model_or_config if isinstance(model_or_config, nn.Module) else None
         config = model.config if model is not None else model_or_config
         image_gen = generates_images(config)
@@ -233,11 +247,34 @@ class Drafter(nn.Module):
             image_token_id=None if image_gen else image_token_id,
             modality="image" if image_gen else "text",
             draft_rows=draft_rows,
+            draft_vocab_size=None if draft_vocab is None else int(draft_vocab.numel()),
         )
         drafter = cls(config_obj)
+        if draft_vocab is not None:
+            drafter.set_draft_vocab(draft_vocab, None if model is None else model.get_output_embeddings().weight)
         if model is not None:
             drafter.bind(model)
         return drafter
+
+    @torch.no_grad()
+    def set_draft_vocab(self, ids: Tensor, target_head: Tensor | None = None) -> None:
+        """Install the token map of [N] ascending target ids; with the target's LM head [V, H], start from its rows."""
+        from .draft_vocab import offsets
+
+        if self.d2t is None or ids.numel() != self.d2t.numel():
+            raise InputError(f"the draft vocabulary holds {self.config.draft_vocab_size} tokens, got {ids.numel()}")
+        self.d2t.copy_(offsets(ids.cpu()).to(self.d2t.device))
+        if target_head is not None:
+            self.draft_head.weight.copy_(target_head[ids.to(target_head.device)].to(self.draft_head.weight))
+
+    @property
+    def draft_token_ids(self) -> Tensor | None:
+        """[N] the target id of each draft id; None for the whole target vocabulary."""
+        return None if self.d2t is None else torch.arange(self.d2t.numel(), device=self.d2t.device) + self.d2t
+
+    def target_ids(self, draft_ids: Tensor) -> Tensor:
+        """Draft-vocabulary ids (any shape) -> the target's ids, what the tree and the target see."""
+        return draft_ids if self.d2t is None else draft_ids + self.d2t[draft_ids]
 
     def bind(self, target: nn.Module) -> "Drafter":
         """Share the target's token embedding and LM head, after checking that this drafter was built for it."""
@@ -252,10 +289,15 @@ class Drafter(nn.Module):
         return self
 
     def mismatches(self, target_config) -> list[str]:
-        c, tc = self.config, target_config.get_text_config()
+        return self.config_mismatches(self.config, target_config)
+
+    @staticmethod
+    def config_mismatches(c: DrafterConfig, target_config) -> list[str]:
+        """What keeps a drafter of config `c` from running on a target of `target_config`, one phrase per problem."""
+        tc = target_config.get_text_config()
         out = []
-        if c.hidden_size != tc.hidden_size:
-            out.append(f"hidden size {c.hidden_size} vs target {tc.hidden_size}")
+        if (c.target_hidden_size or c.hidden_size) != tc.hidden_size:
+            out.append(f"hidden size {c.target_hidden_size or c.hidden_size} vs target {tc.hidden_size}")
         image_gen = generates_images(target_config)
         vocab = int(target_config.vq_config.num_embeddings) if image_gen else tc.vocab_size
         if c.vocab_size != vocab:
@@ -263,7 +305,9 @@ class Drafter(nn.Module):
         if (c.modality == "image") != image_gen:
             what = "an image generator's codes" if c.modality == "image" else "text tokens"
             out.append(f"drafts {what}, the target {'generates images' if image_gen else 'generates text'}")
-        if c.target_num_layers != tc.num_hidden_layers:
+        if max(c.feature_layers, default=0) > tc.num_hidden_layers:
+            out.append(f"reads hidden states {list(c.feature_layers)}, the target has 0..{tc.num_hidden_layers}")
+        elif c.target_num_layers and c.target_num_layers != tc.num_hidden_layers:
             out.append(f"built for a {c.target_num_layers}-layer target, this one has {tc.num_hidden_layers} layers")
         if c.target_model_type and c.target_model_type != target_config.model_type:
             out.append(f"built for model type {c.target_model_type!r}, target is {target_config.model_type!r}")
@@ -285,13 +329,16 @@ class Drafter(nn.Module):
         if not path.is_dir():
             raise MissingInputError(f"drafter directory {str(path)!r} does not exist")
         cfg_file, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
+        if not cfg_file.is_file() and (path / "config.json").is_file():
+            raise InputError(f"{str(path)!r} is a published checkpoint, not Drafter.save_pretrained's layout: load it "
+                             f"with mmspec.load(target, drafter=DIR), or convert it once with `mmspec convert-drafter`")
         if not weights.is_file():
             pickles = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
             if pickles:
                 raise InputError(
                     f"drafter in {str(path)!r} is saved only as a pickle ({', '.join(pickles)}); mmspec loads "
-                    f"safetensors only, because unpickling can run arbitrary code. Convert it once with "
-                    f"safetensors.torch.save_file(torch.load(file, weights_only=True), '{WEIGHTS_NAME}')"
+                    f"safetensors only, because unpickling can run arbitrary code. If you trust the file, convert it "
+                    f"once: mmspec convert-drafter {str(path)} --out NEW_DIR --trust-pickle"
                 )
             raise MissingInputError(f"no {WEIGHTS_NAME} in drafter directory {str(path)!r}")
         if not cfg_file.is_file():
@@ -314,12 +361,16 @@ class Drafter(nn.Module):
     # ---- compute ------------------------------------------------------------------------------------------------
     @property
     def embed_tokens(self) -> nn.Module:
+        if self.draft_embed is not None:
+            return self.draft_embed
         if self._shared is None:
             raise RuntimeError("drafter is not bound to a target; call drafter.bind(target) first")
         return self._shared[0]
 
     @property
     def lm_head(self) -> nn.Module:
+        if self.draft_head is not None:
+            return self.draft_head
         if self._shared is None:
             raise RuntimeError("drafter is not bound to a target; call drafter.bind(target) first")
         return self._shared[1]
@@ -332,6 +383,8 @@ class Drafter(nn.Module):
         """The feature layers already picked out (in `feature_layers` order), each [..., H] -> [..., H]."""
         if self.fc is None:
             return feats[0].to(self.q_proj.weight.dtype)
+        if self.fc_norm is not None:  # SpecForge's fc_norm
+            feats = [norm(f.to(self.fc.weight.dtype)) for norm, f in zip(self.fc_norm, feats)]
         return self.fc(torch.cat(feats, dim=-1).to(self.fc.weight.dtype))
 
     def inputs(
@@ -345,6 +398,9 @@ class Drafter(nn.Module):
         if self.inject is not None:
             vec = features.new_zeros(()) if image_vec is None else image_vec.to(features.dtype)
             features = self.inject(torch.cat([features, vec.expand_as(features)], dim=-1))
+        if self.embed_fc is not None:  # EAGLE-1/2: the projection of [embedding | feature] is the residual stream
+            x = self.embed_fc(torch.cat([emb, features], dim=-1))
+            return x, x
         return torch.cat([self.input_norm(emb), self.hidden_norm(features)], dim=-1), features
 
     def _angles(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -418,6 +474,7 @@ class Drafter(nn.Module):
         return self.finish(residual, self.attend(q, k, v, mask))
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """[..., H] predicted features -> [..., V] draft logits through the target's LM head."""
+        """[..., H] predicted features -> [..., V] draft logits (or [..., N] over a draft vocabulary: see target_ids)."""
         head = self.lm_head
-        return head(self.norm(hidden).to(next(head.parameters()).dtype))
+        hidden = hidden if self.norm is None else self.norm(hidden)
+        return head(hidden.to(next(head.parameters()).dtype))

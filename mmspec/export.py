@@ -5,10 +5,12 @@ The layout (SafeAILab EAGLE-3 checkpoints, vLLM `llama_eagle3.py`, SGLang `llama
                          draft_vocab_size, and the target layers whose hidden states feed `fc`
     model.safetensors    midlayer.{input_layernorm, hidden_norm, self_attn.{q,k,v,o}_proj, post_attention_layernorm,
                          mlp.{gate,up,down}_proj}.weight, norm.weight, fc.weight [H, 3H], lm_head.weight [V, H]
-                         (+ d2t / t2d only for a reduced draft vocabulary, which mmspec drafters never have)
+                         (+ d2t [N] int64 / t2d [V] bool for a reduced draft vocabulary, with lm_head [N, H];
+                         + embed_tokens [V, H] for a drafter with its own embedding)
 Our Drafter is already this layer (same norms, 2H-wide q/k/v over [norm(embedding) | norm(feature)], residual = the
-fused feature), so the export is a renaming, plus the target's LM head, which the drafter borrows and never saves.
-The engines share the target's token embedding with the draft model, so no embed_tokens is written.
+fused feature), so the export is a renaming, plus the target's LM head, which the drafter borrows and never saves
+(a drafter with a reduced draft vocabulary has its own head and token map instead). The engines share the target's
+token embedding with the draft model, so no embed_tokens is written unless the drafter has its own.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from .registry import target_config
 logger = logging.getLogger(__name__)
 
 # our parameter name -> EAGLE-3 checkpoint key
-_RENAME = {
+EAGLE3_KEYS = {
     "input_norm.weight": "midlayer.input_layernorm.weight",  # applied to the token embedding
     "hidden_norm.weight": "midlayer.hidden_norm.weight",  # applied to the fused feature
     "q_proj.weight": "midlayer.self_attn.q_proj.weight",
@@ -74,24 +76,23 @@ def export_eagle3(
                          f"(export never overwrites files)")
     drafter = Drafter.from_pretrained(drafter_dir)
     c = drafter.config
-    _check_exportable(drafter, drop_vision_adaptor)
+    _check_exportable(drafter, drop_vision_adaptor, c.target_num_layers)
     dtype = _saved_dtype(Path(drafter_dir) / WEIGHTS_NAME)
 
     target_name = target if target is not None else c.extra.get("target")
     if not target_name:
         raise InputError(
             f"the drafter in {str(drafter_dir)!r} does not record its target (config.extra['target']); pass "
-            f"target=<name or directory> to mmspec.export.export_eagle3"
+            f"--target NAME_OR_DIR (target= in Python)"
         )
     target_dir, target_config = _target(target_name, drafter)
+    if not c.target_num_layers:  # a converted checkpoint that did not record its target: check against this one
+        _check_exportable(drafter, drop_vision_adaptor, target_config.get_text_config().num_hidden_layers)
 
     state = {k: v.detach() for k, v in drafter.state_dict().items()}
-    tensors = {new: state[old].to(dtype).contiguous() for old, new in _RENAME.items()}
+    tensors = {new: state[old].to(dtype).contiguous() for old, new in EAGLE3_KEYS.items()}
     tensors["fc.weight"] = _engine_fc(drafter).to(dtype).contiguous()
-    # mmspec drafters predict over the target's full vocabulary: draft_vocab_size == vocab_size, and the engines take
-    # an absent d2t as the identity map, so no d2t / t2d tensors are written.
-    head = _target_lm_head(target_dir, target_config, c.vocab_size, c.hidden_size)
-    tensors["lm_head.weight"] = head.to(dtype).contiguous()
+    tensors.update(_head_tensors(drafter, target_dir, target_config, dtype))
 
     config = _engine_config(c, target_config, str(target_name), dtype)
     _warn_unserved(target_config)
@@ -102,6 +103,24 @@ def export_eagle3(
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     logger.info("wrote EAGLE-3 checkpoint %s (aux layers %s, %s)", out, config["eagle_aux_hidden_state_layer_ids"],
                 config["torch_dtype"])
+    return out
+
+
+def _head_tensors(drafter: Drafter, target_dir: Path, target_config, dtype: torch.dtype) -> dict[str, Tensor]:
+    """lm_head (+ d2t / t2d, + embed_tokens). A full-vocabulary drafter borrows the target's head, and the engines
+    take an absent d2t as the identity map, so none is written for it."""
+    c, out = drafter.config, {}
+    if drafter.draft_head is None:
+        head = _target_lm_head(target_dir, target_config, c.vocab_size, c.hidden_size)
+    else:
+        from .draft_vocab import mask
+
+        head = drafter.draft_head.weight.detach()
+        out["d2t"] = drafter.d2t.detach().long().contiguous()
+        out["t2d"] = mask(drafter.draft_token_ids.cpu(), c.vocab_size)
+    out["lm_head.weight"] = head.to(dtype).contiguous()
+    if drafter.draft_embed is not None:
+        out["embed_tokens.weight"] = drafter.draft_embed.weight.detach().to(dtype).contiguous()
     return out
 
 
@@ -122,7 +141,8 @@ def _engine_config(c, target_config, target_name: str, dtype: torch.dtype) -> di
         "rms_norm_eps": c.rms_norm_eps,
         **_rope_fields(c.rope_theta, text),
         "vocab_size": c.vocab_size,
-        "draft_vocab_size": c.vocab_size,
+        "draft_vocab_size": c.draft_vocab_size or c.vocab_size,
+        **({"target_hidden_size": c.target_hidden_size} if c.target_hidden_size else {}),
         "max_position_embeddings": int(getattr(text, "max_position_embeddings", None) or 2048),
         "tie_word_embeddings": False,
         "attention_bias": False,
@@ -177,7 +197,8 @@ def _warn_unserved(target_config) -> None:
         )
 
 
-def _check_exportable(drafter: Drafter, drop_vision_adaptor: bool) -> None:
+def _check_exportable(drafter: Drafter, drop_vision_adaptor: bool, n_layers: int) -> None:
+    """n_layers: the target's decoder layers (0: not known yet, the layer checks wait for the target)."""
     c = drafter.config
     if c.modality == "image":
         raise InputError(
@@ -190,29 +211,37 @@ def _check_exportable(drafter: Drafter, drop_vision_adaptor: bool) -> None:
             "this drafter has a ViSpec vision adaptor; vLLM/SGLang cannot run the ViSpec adaptor; "
             "--drop-vision-adaptor exports the text path (image-free drafting, exact for the first draft token)"
         )
+    if c.layer != "eagle3":
+        raise InputError(f"this drafter has an {c.layer} layer (EAGLE-1/2: fc over [embedding | feature] into a plain "
+                         f"layer); the EAGLE-3 layout holds EAGLE-3's layer only")
+    if not c.head_norm or c.fc_norm:
+        raise InputError("this drafter applies no norm before its head, or norms each feature before fc (SpecForge's "
+                         "norm_output=false / fc_norm); vLLM's and SGLang's EAGLE-3 layer computes neither")
     if c.fusion != "multi_layer":
         raise InputError(
             f"this drafter was trained with fusion={c.fusion!r} (it reads the target's final, normed hidden state); "
             f"{_NEEDS_MULTI_LAYER}, so it would see different features; train it with --fusion multi_layer"
         )
     layers = list(c.feature_layers)
-    if c.target_num_layers in layers:
+    if not n_layers:
+        return
+    if n_layers in layers:
         raise InputError(
-            f"feature_layers {layers} include {c.target_num_layers}, the target's final hidden state after its last "
+            f"feature_layers {layers} include {n_layers}, the target's final hidden state after its last "
             f"norm; {_NEEDS_MULTI_LAYER} and never that one; train with --fusion multi_layer on layers "
-            f"1..{c.target_num_layers - 1}"
+            f"1..{n_layers - 1}"
         )
-    if c.target_num_layers < 4:
+    if n_layers < 4:
         raise InputError(
-            f"the target has {c.target_num_layers} decoder layers; vLLM and SGLang capture the inputs of layers "
-            f"1..{c.target_num_layers - 1} only, too few for the three distinct feature layers their EAGLE-3 reads "
+            f"the target has {n_layers} decoder layers; vLLM and SGLang capture the inputs of layers "
+            f"1..{n_layers - 1} only, too few for the three distinct feature layers their EAGLE-3 reads "
             f"(a target this shallow cannot be served with an EAGLE-3 drafter)"
         )
     if 0 in layers:
         raise InputError(
             f"feature_layers {layers} include 0 (the token embeddings), which neither engine captures (SGLang's "
             f"layer ids name layer outputs; vLLM adds a residual that does not exist before layer 0); use layers "
-            f"1..{c.target_num_layers - 1}"
+            f"1..{n_layers - 1}"
         )
     if len(layers) != 3 or len(set(layers)) != 3:
         raise InputError(
@@ -223,10 +252,11 @@ def _check_exportable(drafter: Drafter, drop_vision_adaptor: bool) -> None:
 def _engine_fc(drafter: Drafter) -> Tensor:
     """Our fc, rearranged to take the aux states in the engines' order, with the text-path injection folded in."""
     c, h = drafter.config, drafter.config.hidden_size
-    w = drafter.fc.weight.detach().double()  # [H, 3H], column block j reads hidden_states[feature_layers[j]]
+    th = c.target_hidden_size or h  # the width of each target feature
+    w = drafter.fc.weight.detach().double()  # [H, 3 th], column block j reads hidden_states[feature_layers[j]]
     # The engines concatenate the captured states in layer order (one pass over the layers), not in ours.
     order = sorted(range(len(c.feature_layers)), key=lambda j: c.feature_layers[j])
-    w = torch.cat([w[:, j * h : (j + 1) * h] for j in order], dim=1)
+    w = torch.cat([w[:, j * th : (j + 1) * th] for j in order], dim=1)
     if drafter.inject is not None:
         # ViSpec injection: f' = W [f | image_vec]. Without images image_vec = 0, so f' = W[:, :H] f =
         # (W[:, :H] fc) aux: exact for every position that reads the target's features. Deeper drafts feed the

@@ -60,14 +60,17 @@ def load(
     device_map: str | dict | None = None,
     draft_dtype: torch.dtype | str | None = None,
     generation_config: GenerationConfig | None = None,
+    trust_pickle: bool = False,
 ) -> "Pipeline":
     """Load a target (and its drafter) ready for speculative decoding: a Pipeline for text and VLM targets, an
     ImagePipeline (generate_image / stream_image) for AR image generators (Janus family, mini-gen).
 
     drafter: None -> the drafter shipped with a built-in target (an image generator without one drafts training-free
     Jacobi windows); a directory from Drafter.save_pretrained; a built-in drafter name; a Drafter instance;
-    "untrained" (random init, for experiments); or "none" (no drafter: Jacobi drafting for an image generator, plain
-    decoding for a text target). device_map="auto" shards a large
+    "untrained" (random init, for experiments); "none" (no drafter: Jacobi drafting for an image generator, plain
+    decoding for a text target); or a published EAGLE-3 (SpecForge / SGLang / vLLM) or EAGLE-1/2 checkpoint,
+    recognised from its config and tensor names (mmspec.external_drafters; a pickle such as pytorch_model.bin only
+    with trust_pickle=True). device_map="auto" shards a large
     target across devices through accelerate; the drafter then sits with the LM head.
     draft_dtype: the drafter's own dtype; None -> see `default_draft_dtype` (a Drafter instance: the target's dtype).
     It changes which tokens get proposed, never what is output: the target verifies every one in its own dtype.
@@ -93,12 +96,12 @@ def load(
         if drafter is None and not builtin:
             logger.info("%s ships no drafter: images are drafted with training-free Jacobi windows", target_name)
             drafter = "none"
-        drafter_obj = _load_drafter(drafter, model, target_name, builtin, draft_dtype)
+        drafter_obj = _load_drafter(drafter, model, target_name, builtin, draft_dtype, trust_pickle)
         return ImagePipeline(model, processor, adapter, drafter_obj, tree, _cache_source(target_name, drafter),
                              tuner=tune_image_trees)
     pipe_config = generation_config if generation_config is not None else model.generation_config
     check_generation_config(pipe_config)  # before the drafter loads: a refusal should cost nothing
-    drafter_obj = _load_drafter(drafter, model, target_name, builtin, draft_dtype)
+    drafter_obj = _load_drafter(drafter, model, target_name, builtin, draft_dtype, trust_pickle)
     pipe = Pipeline(model, processor, adapter, drafter_obj, tree, pipe_config)
     if isinstance(tree, AutoTreeConfig) and drafter_obj is not None:
         pipe.tree = auto_tree(pipe, _cache_source(target_name, drafter))
@@ -180,7 +183,8 @@ def load_target(target: str | os.PathLike, *, device=None, dtype: torch.dtype = 
     return model, processor, adapter
 
 
-def _load_drafter(drafter: Any, model, target_name: str, builtin: bool, dtype: torch.dtype | None) -> Drafter | None:
+def _load_drafter(drafter: Any, model, target_name: str, builtin: bool, dtype: torch.dtype | None,
+                  trust_pickle: bool = False) -> Drafter | None:
     if drafter is None:
         if not builtin:
             raise InputError(
@@ -200,9 +204,9 @@ def _load_drafter(drafter: Any, model, target_name: str, builtin: bool, dtype: t
         )
         d = Drafter.for_target(model, vision_adaptor=sees)
     else:
-        path = resolve_dir(drafter, "drafter")
-        d = Drafter.from_pretrained(path)
-        d.bind(model)
+        from .external_drafters import load_drafter
+
+        d = load_drafter(resolve_dir(drafter, "drafter"), model, trust_pickle=trust_pickle)
     head = model.get_output_embeddings().weight
     if dtype is None:  # a Drafter the caller holds (maybe mid-training) keeps the target's dtype, as it always has
         dtype = head.dtype if isinstance(drafter, Drafter) else default_draft_dtype(

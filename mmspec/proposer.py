@@ -121,6 +121,8 @@ class EagleProposer:
         self._combine = combine or (lambda logits: logits[0])  # [B, ..., V] -> [..., V]
         self.forwards = 0  # drafter forwards run so far, counted where they run
         self.kv = DraftKV()
+        # a reduced draft vocabulary's ids -> the target's; a drafter without one (or a stand-in) keeps its ids
+        self._to_target = getattr(drafter, "target_ids", lambda ids: ids)
         self._pending: Pairs | None = None  # every field with a leading row dimension
         self._image_vec: Tensor | None = None  # [1, H] the last image's global vector, in force after the prompt
         self._root_pos = 0
@@ -179,6 +181,7 @@ class EagleProposer:
         committed = self.kv.length
         logp = torch.log_softmax(self._combine(d.logits(hidden[:, -1]).float()), dim=-1)  # [V]
         scores, beam_tokens = logp.topk(k)  # [k]
+        beam_tokens = self._to_target(beam_tokens)
         cand_tokens, cand_parents, cand_scores = [beam_tokens], [torch.full((k,), -1, device=dev)], [scores]
         beam_feats = hidden[:, -1:].expand(b, k, -1)  # fed with each beam token: its parent's predicted feature
         beam_index = torch.arange(k, device=dev)  # each beam node's index among the candidates
@@ -197,6 +200,7 @@ class EagleProposer:
             self.forwards += 1
             logp = torch.log_softmax(self._combine(d.logits(hidden).float()), dim=-1)  # [k, V]
             top_lp, top_tok = logp.topk(k, dim=-1)  # [k, k]
+            top_tok = self._to_target(top_tok)
             cum = (scores[:, None] + top_lp).flatten()
             cand_tokens.append(top_tok.flatten())
             cand_parents.append(beam_index.repeat_interleave(k))

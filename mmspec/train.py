@@ -15,6 +15,7 @@ Method (EAGLE-3 with the ViSpec adaptor):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -27,10 +28,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .draft_vocab import choose_draft_vocab
 from .drafter import Drafter
 from .errors import InputError, UserError
 from .train_checkpoint import LoopState, load_checkpoint, save_checkpoint
-from .train_examples import Example, TeacherCache, teach
+from .train_examples import Example, TeacherCache, encode_conversation, teach
 from .train_image import read_prompts, teach_image
 from .train_objective import DraftObjective, evaluate
 
@@ -63,6 +65,7 @@ class TrainConfig:
     draft_rows: int = 1  # image targets: 2 trains on both CFG rows for drafting from combined logits (LANTERN)
     intermediate_size: int | None = None  # the drafter's MLP width (default: the target's)
     num_heads: int | None = None  # the drafter's attention heads (default: the target's)
+    draft_vocab: int | None = None  # a reduced draft vocabulary: the N most frequent learned tokens (EAGLE-3)
 
     def __post_init__(self) -> None:
         if not self.teacher_cache_gb >= 0:  # also rejects NaN
@@ -233,14 +236,24 @@ def _start(out: Path, ckpt: Path, cfg: TrainConfig, device: str | None):
     return accelerator
 
 
-def _new_drafter(target: str, model, adapter, cfg: TrainConfig) -> Drafter:
+def _new_drafter(target: str, model, adapter, cfg: TrainConfig, vocab_ids=None) -> Drafter:
     if cfg.draft_rows != 1 and not adapter.generates_images:
         raise InputError("--draft-rows 2 is for AR image generators (both CFG rows); a VLM drafter reads one row")
     drafter = Drafter.for_target(model, vision_adaptor=cfg.vision_adaptor, num_queries=cfg.num_queries, fusion=cfg.fusion,
                                  draft_rows=cfg.draft_rows, intermediate_size=cfg.intermediate_size,
-                                 num_heads=cfg.num_heads)
+                                 num_heads=cfg.num_heads, draft_vocab=vocab_ids)
     drafter.config.extra["target"] = str(target)  # lets export-drafter find the LM head it shares
     return drafter
+
+
+def _draft_vocab(cfg: TrainConfig, train_set: list, model, adapter, processor):
+    """--draft-vocab N -> [N] target ids (the most frequent learned tokens of the training set), or None."""
+    if cfg.draft_vocab is None:
+        return None
+    if adapter.generates_images:
+        raise InputError("--draft-vocab applies to text drafters; an image drafter predicts the whole codebook")
+    return choose_draft_vocab(cfg.draft_vocab, train_set, functools.partial(encode_conversation, adapter, processor),
+                              model.config.get_text_config().vocab_size)
 
 
 def train_drafter(target: str, data: str | Path, out: str | Path, cfg: TrainConfig = TrainConfig(), *,
@@ -253,7 +266,8 @@ def train_drafter(target: str, data: str | Path, out: str | Path, cfg: TrainConf
     accelerator = _start(out, ckpt, cfg, device)
     torch.manual_seed(cfg.seed)
     train_set, eval_set, report, model, processor, adapter = _load_inputs(target, data, cfg, accelerator.device)
-    drafter = _new_drafter(target, model, adapter, cfg).to(accelerator.device)
+    vocab_ids = _draft_vocab(cfg, train_set, model, adapter, processor)
+    drafter = _new_drafter(target, model, adapter, cfg, vocab_ids).to(accelerator.device)
     objective = DraftObjective(drafter, cfg.ttt_steps, cfg.noise)
     optimizer = torch.optim.AdamW([p for p in drafter.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
@@ -327,7 +341,7 @@ def train_from_args(args) -> dict:
         ttt_steps=args.ttt_steps, eval_fraction=args.eval_fraction, mixed_precision=args.mixed_precision,
         save_every=args.save_every, max_length=args.max_length, teacher_cache_gb=args.teacher_cache_gb,
         guidance_scale=args.guidance_scale, draft_rows=args.draft_rows, intermediate_size=args.intermediate_size,
-        num_heads=args.num_heads,
+        num_heads=args.num_heads, draft_vocab=getattr(args, "draft_vocab", None),
     )
     metrics = train_drafter(args.target, args.data, args.out, cfg, device=getattr(args, "device", None))
     held = metrics.get("held_out") or {}

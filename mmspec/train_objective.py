@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .draft_vocab import restrict_teacher
 from .drafter import Drafter
 from .proposer import build_pairs
 from .train_examples import Example
@@ -89,6 +90,8 @@ class DraftObjective(nn.Module):
         vec = None if d.vision is None else pad(lambda i: built[i][0].image_vec.to(dtype), 0.0, (h,))
         teacher = pad(lambda i: built[i][1].float(), 0.0, (built[0][1].shape[-1],))
         label_ok = pad(lambda i: built[i][2], False)
+        if d.draft_token_ids is not None:  # a reduced head learns the target's distribution over its vocabulary
+            teacher, label_ok = restrict_teacher(teacher, d.draft_token_ids, label_ok)
         reg_target = pad(lambda i: built[i][3].to(dtype), 0.0, (h,)) if d.config.fusion == "last" else None
 
         teacher_lp = torch.log_softmax(teacher, dim=-1)

@@ -188,3 +188,16 @@ def test_draft_parameter_is_checked():
 def test_point_draft_has_the_residual_mass():
     r = torch.tensor([0.2, 0.1, 0.0])
     assert torch.allclose(point_draft(r, 1), torch.tensor([0.0, 0.3, 0.0]))
+
+
+def test_grouped_trims_a_group_even_when_the_budget_left_rounds_below_zero():
+    """The first group that does not fit keeps at least its leader: with a budget a hair below zero (what float
+    rounding of the kept groups' costs can leave) the relaxation moves nothing instead of failing."""
+    from mmspec.acceptance import _trimmed
+
+    r = torch.tensor([0.3, 0.2, 0.5])
+    q = torch.tensor([0.6, 0.0, 0.4])
+    out, moved = _trimmed(r.clone(), r, q, torch.tensor([0, 1]), 0, -1e-9, 0.1)
+    assert torch.equal(out, r) and moved == pytest.approx(0.1)
+    out, moved = _trimmed(r.clone(), r, q, torch.tensor([0, 1]), 0, 1.0, 0.0)
+    assert out[1] == 0 and out[0] == pytest.approx(0.5) and moved == pytest.approx(0.2)
