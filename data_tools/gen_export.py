@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .gen_world import IMAGE_PX
-from .train_gen import (BOI, IMAGE, NUM_IMAGE_TOKENS, PATCH, SIDECAR, _batch, _load_records, chat_prompt,
+from .train_gen import (BOI, IMAGE, NUM_IMAGE_TOKENS, PATCH, SIDECAR, guided_batch, load_prompt_records, chat_prompt,
                         generation_config, load_mini_gen, make_processor)
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def cfg_top1(model, input_ids: torch.Tensor, codes: torch.Tensor, pad: int, keep
     """The target's top-1 probability at each code position [64] of one prompt's codes [1, 64], with CFG at T=1:
     softmax(uncond + guidance * (cond - uncond)), the combination Janus's ClassifierFreeGuidanceLogitsProcessor uses."""
     ids = input_ids[0].tolist()
-    two = _batch(model, [ids, ids], codes.repeat(2, 1), pad, keep, torch.tensor([False, True]))
+    two = guided_batch(model, [ids, ids], codes.repeat(2, 1), pad, keep, torch.tensor([False, True]))
     logits = two[1] + guidance * (two[0] - two[1])
     return logits.softmax(-1).max(-1).values
 
@@ -103,7 +103,7 @@ def verify_gen(model_dir: Path, heldout_jsonl: Path, n: int, samples_png: Path |
     model, processor = load_mini_gen(model_dir)
     tokenizer = processor.tokenizer
     pad, keep = tokenizer.pad_token_id, {tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids(BOI)}
-    records = _load_records(heldout_jsonl, max(n, judge_n))
+    records = load_prompt_records(heldout_jsonl, max(n, judge_n))
     torch.manual_seed(seed)  # generate samples with torch's global generator
     all_codes, top1 = [], []
     for r in records:

@@ -47,7 +47,7 @@ def encode_example(processor, record: dict) -> tuple[list[int], list[int]]:
     tok = processor.tokenizer
     enc = tok.apply_chat_template(chat_messages(record), tokenize=True, return_dict=True,
                                   return_assistant_tokens_mask=True)
-    n_img = _num_image_tokens(processor)
+    n_img = image_token_count(processor)
     image_id = tok.convert_tokens_to_ids(IMAGE)
     ids, labels = [], []
     for t, m in zip(enc["input_ids"], enc["assistant_masks"]):
@@ -60,7 +60,7 @@ def encode_example(processor, record: dict) -> tuple[list[int], list[int]]:
     return ids, labels
 
 
-def _num_image_tokens(processor) -> int:
+def image_token_count(processor) -> int:
     crop = processor.image_processor.crop_size
     n = (crop["height"] // processor.patch_size) * (crop["width"] // processor.patch_size)
     return n + processor.num_additional_image_tokens - (processor.vision_feature_select_strategy == "default")
@@ -79,7 +79,7 @@ def load_records(jsonl: str | Path) -> list[dict]:
     return records
 
 
-def _load_images(paths: Sequence[str]) -> list[Image.Image]:
+def load_scene_images(paths: Sequence[str]) -> list[Image.Image]:
     out = []
     for p in paths:
         with Image.open(p) as im:
@@ -87,7 +87,7 @@ def _load_images(paths: Sequence[str]) -> list[Image.Image]:
     return out
 
 
-def _length_grouped_batches(lengths: Sequence[int], batch_size: int, g: torch.Generator) -> list[list[int]]:
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, g: torch.Generator) -> list[list[int]]:
     """Shuffled batches of similar lengths: sort within shuffled chunks of 64 batches, then shuffle the batches.
 
     Describe answers are ~10x longer than one-word answers; grouping them wastes far less compute on padding.
@@ -169,7 +169,7 @@ def _encode_chunk(records: list[dict]) -> tuple[list, torch.Tensor, torch.Tensor
     processor = _WORKER_PROCESSOR
     encoded = [encode_example(processor, r) for r in records]
     paths = [p for r in records for p in r["images"]]
-    pixels = processor.image_processor(_load_images(paths), return_tensors="pt")["pixel_values"].half() if paths \
+    pixels = processor.image_processor(load_scene_images(paths), return_tensors="pt")["pixel_values"].half() if paths \
         else torch.zeros(0, 3, 1, 1, dtype=torch.float16)
     scenes = [_record_scenes(r) for r in records]
     cells = [cell_labels(s) if sc else torch.zeros(9, 3, dtype=torch.long)

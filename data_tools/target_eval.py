@@ -18,7 +18,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from mmspec.hardware import training_device
 
 from .shapes_world import COLOURS, NUMBER_WORDS, PLURALS, SHAPES, TASKS, Scene, check_answer, parse_count
-from .target_data import _load_images, chat_messages, load_records
+from .target_data import load_scene_images, chat_messages, load_records
 
 _SUMMARY_RE = re.compile(r"(In total:|Altogether:|Summary:)(.*)$")
 _SHAPE_COUNT_RE = re.compile(rf"\b(\w+) ({'|'.join(sorted([*SHAPES, *PLURALS.values()], key=len, reverse=True))})\b")
@@ -56,11 +56,11 @@ def image_spread(model, pixel_values: torch.Tensor) -> float:
     output grows a large image-independent component and this ratio falls towards 0 while the loss still falls on
     the text prior alone. Logged so such a run is stopped early.
     """
-    feats = _image_tokens(model, pixel_values)
+    feats = tower_image_tokens(model, pixel_values)
     return float(feats.float().std(0).mean() / feats.float().std().clamp_min(1e-12))
 
 
-def _image_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
+def tower_image_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
     feats = model.model.get_image_features(pixel_values=pixel_values).pooler_output
     return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats  # (N, tokens, hidden)
 
@@ -127,7 +127,7 @@ def grade(model, processor, records: list[dict], batch_size: int = 16) -> tuple[
 def _answer(model, processor, chunk: list[dict], max_new_tokens: int) -> list[str]:
     texts = [processor.apply_chat_template(chat_messages(r, with_answer=False), add_generation_prompt=True,
                                            tokenize=False) for r in chunk]
-    images = [im for r in chunk for im in _load_images(r["images"])]
+    images = [im for r in chunk for im in load_scene_images(r["images"])]
     inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt").to(model.device)
     out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
     return processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -154,7 +154,7 @@ def residual_updates(model, processor, records: list[dict], batch_size: int = 16
         for s in range(0, len(records), batch_size):
             chunk = records[s:s + batch_size]
             texts = [processor.apply_chat_template(chat_messages(r), tokenize=False) for r in chunk]
-            images = [im for r in chunk for im in _load_images(r["images"])]
+            images = [im for r in chunk for im in load_scene_images(r["images"])]
             inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt").to(model.device)
             model(**inputs)
             mask = inputs["attention_mask"].bool()

@@ -82,7 +82,7 @@ def _schedule(lr: float, steps: int, warmup: float):
     return lr_at
 
 
-def _image_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
+def tower_image_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
     feats = model.model.get_image_features(pixel_values=pixel_values).pooler_output
     return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats  # (N, tokens, hidden)
 
@@ -114,7 +114,7 @@ def vision_warmup(model, data: EncodedSet, probe: VisionProbe, *, steps: int, ba
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            tokens = _image_tokens(model, data.pixels[rows].to(device).float())
+            tokens = tower_image_tokens(model, data.pixels[rows].to(device).float())
         loss, stats = probe(tokens.float(), cells, patches)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -168,14 +168,14 @@ def judge_vq_stage(plan, data: Path, tok_dir: Path, vq_dir: Path) -> dict:
     vqmodel = build_gen_model(AutoTokenizer.from_pretrained(str(tok_dir)), plan.size, plan.seed).model.vqmodel
     vqmodel.load_state_dict(torch.load(vq_dir / "vq.pt"))
     held_out, _ = load_images(data / "heldout.jsonl", data / "heldout_images.pt")
-    scenes = [r["scene"] for r in _load_records(data / "heldout.jsonl", plan.vq_judge_images)]
+    scenes = [r["scene"] for r in load_prompt_records(data / "heldout.jsonl", plan.vq_judge_images)]
     metrics["judge"] = judge_reconstructions(vqmodel.eval(), held_out, scenes, plan.vq_judge_images)
     logger.info("judge on held-out VQ reconstructions: %s", metrics["judge"])
     path.write_text(json.dumps(metrics, indent=1) + "\n")
     return metrics
 
 
-def _load_records(jsonl: Path, limit: int | None = None) -> list[dict]:
+def load_prompt_records(jsonl: Path, limit: int | None = None) -> list[dict]:
     with open(jsonl, encoding="utf-8") as f:
         lines = [line for line in f if line.strip()][:limit]
     return [json.loads(line) for line in lines]
@@ -192,7 +192,7 @@ def _encode_all(vqmodel, images: torch.Tensor, batch: int = 256) -> torch.Tensor
     return torch.cat(chunks)
 
 
-def _batch(model, ids: list[list[int]], codes: torch.Tensor, pad: int, keep: set[int], drop: torch.Tensor):
+def guided_batch(model, ids: list[list[int]], codes: torch.Tensor, pad: int, keep: set[int], drop: torch.Tensor):
     """Logits [B, 64, V] for prompts ``ids`` (left-padded here) followed by their codes [B, 64].
 
     Rows where ``drop`` is true are the unconditional ones, built as Janus's generate builds them: every prompt
@@ -220,7 +220,7 @@ def _heldout_loss(model, ids, codes, pad, keep, batch: int = 64) -> float:
     model.eval()
     total = 0.0
     for i in range(0, len(ids), batch):
-        logits = _batch(model, ids[i:i + batch], codes[i:i + batch], pad, keep,
+        logits = guided_batch(model, ids[i:i + batch], codes[i:i + batch], pad, keep,
                         torch.zeros(len(ids[i:i + batch]), dtype=torch.bool))
         total += F.cross_entropy(logits.flatten(0, 1), codes[i:i + batch].flatten(), reduction="sum").item()
     model.train()
@@ -241,8 +241,8 @@ def _prepare_generator(plan, data: Path, tok_dir: Path, vq_dir: Path, out_dir: P
         codebook = model.model.vqmodel.quantize.embedding.weight
         model.model.generation_embeddings.weight.copy_(F.normalize(codebook, dim=-1))
     cache = out_dir / "codes.pt"
-    train = _load_records(data / "train.jsonl", plan.gen_n_train)
-    held = _load_records(data / "heldout.jsonl")
+    train = load_prompt_records(data / "train.jsonl", plan.gen_n_train)
+    held = load_prompt_records(data / "heldout.jsonl")
     if cache.exists():
         codes = torch.load(cache)
     else:
@@ -295,7 +295,7 @@ def _gen_step(plan, model, opt, params, batch: dict, g: torch.Generator, lr: flo
     drop = torch.rand(plan.gen_batch, generator=g) < COND_DROPOUT
     target = swap_codes(batch["codes"][idx], batch["neighbours"], plan.code_swap_p, g)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        logits = _batch(model, [batch["ids"][i] for i in idx], target, batch["pad"], batch["keep"], drop)
+        logits = guided_batch(model, [batch["ids"][i] for i in idx], target, batch["pad"], batch["keep"], drop)
     loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
     opt.zero_grad(set_to_none=True)
     loss.backward()

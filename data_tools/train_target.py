@@ -46,9 +46,9 @@ from mmspec.hardware import native_bf16, training_device
 from .shapes_world import SHAPES, SIZE_PX  # noqa: F401
 from .target_data import (  # noqa: F401  (the data helpers stay importable from here)
     EncodedSet,
-    _length_grouped_batches,
-    _load_images,
-    _num_image_tokens,
+    length_grouped_batches,
+    load_scene_images,
+    image_token_count,
     cell_labels,
     chat_messages,
     collate,
@@ -59,7 +59,7 @@ from .target_data import (  # noqa: F401  (the data helpers stay importable from
     patch_labels,
 )
 from .target_eval import evaluate_target, grade, image_spread  # noqa: F401
-from .target_vision import VisionProbe, _image_tokens, vision_warmup  # noqa: F401
+from .target_vision import VisionProbe, tower_image_tokens, vision_warmup  # noqa: F401
 from .tokenizer import IMAGE
 
 logger = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ def _load_run(model_dir, data_jsonl, device: torch.device, bf16: bool | None) ->
     t0 = time.time()
     data = encode_set(processor, records)
     logger.info("encoded %d conversations and %d images in %.1f s", len(records), len(data.pixels), time.time() - t0)
-    grid = int(round(_num_image_tokens(processor) ** 0.5))
+    grid = int(round(image_token_count(processor) ** 0.5))
     probe = VisionProbe(model.config.text_config.hidden_size, grid).to(device)
     return _Run(model, processor, data.to(device) if device.type == "cuda" else data, probe, device,
                 native_bf16(device) if bf16 is None else bf16, grid)
@@ -259,7 +259,7 @@ def _loop(run: _Run, opt, params, clock: Clock, *, batch_size: int, g: torch.Gen
     run.model.train()
     while clock.progress(step) < 1:
         step += 1
-        batches = batches or _length_grouped_batches(lengths, batch_size, g)
+        batches = batches or length_grouped_batches(lengths, batch_size, g)
         batch = collate(run.data, batches.pop(), run.grid, pad, run.device)
         lr = clock.lr_at(clock.progress(step - 1))
         for group in opt.param_groups:

@@ -50,7 +50,7 @@ def test_encoded_set_matches_the_processor(micro):
     assert serial.encoded == forked.encoded and torch.equal(serial.pixels, forked.pixels)
     for i in (0, len(records) - 1):
         assert serial.encoded[i] == tt.encode_example(processor, records[i])
-        reference = processor.image_processor(tt._load_images(records[i]["images"]), return_tensors="pt")
+        reference = processor.image_processor(tt.load_scene_images(records[i]["images"]), return_tensors="pt")
         assert torch.allclose(serial.pixels[serial.image_rows[i]].float(), reference["pixel_values"], atol=2e-3)
     batch = collate(serial, [0, 1, 2], 4, processor.tokenizer.pad_token_id, torch.device("cpu"))
     assert batch["pixel_values"].shape[0] == sum(len(records[i]["images"]) for i in (0, 1, 2))

@@ -116,14 +116,5 @@ def test_functions_fit_on_a_screen():
     assert {**long_functions("mmspec"), **long_functions("adapters"), **long_functions("demos")} == {}
 
 
-# Being split by the issue-25 data_tools work (another branch); each name leaves this set when its split lands.
-PENDING_SPLITS = {"data_tools/build_minis.py:build", "data_tools/train_target.py:train_target",
-                  "data_tools/train_gen.py:train_generator"}
-
-
 def test_data_tools_functions_fit_on_a_screen():
-    long = long_functions("data_tools")
-    assert set(long) - PENDING_SPLITS == set(), long  # no new long function, whatever is pending
-    pending = sorted(set(long) & PENDING_SPLITS)
-    if pending:
-        pytest.skip(f"pending: {', '.join(pending)} are being split by the issue-25 data_tools work (not merged yet)")
+    assert long_functions("data_tools") == {}

@@ -31,10 +31,10 @@ def test_labels_cover_exactly_the_assistant_tokens(micro):
     for r in records:
         ids, labels = tt.encode_example(processor, r)
         text = processor.apply_chat_template(tt.chat_messages(r), tokenize=False)
-        reference = processor(text=[text], images=tt._load_images(r["images"]), return_tensors="pt")
+        reference = processor(text=[text], images=tt.load_scene_images(r["images"]), return_tensors="pt")
         # The ids are those the processor itself produces (image tokens expanded), for one and for two images.
         assert ids == reference["input_ids"][0].tolist()
-        assert ids.count(tok.convert_tokens_to_ids("<image>")) == len(r["images"]) * tt._num_image_tokens(processor)
+        assert ids.count(tok.convert_tokens_to_ids("<image>")) == len(r["images"]) * tt.image_token_count(processor)
         # The labelled tokens are one contiguous run at the end: " answer</s>".
         first = next(i for i, y in enumerate(labels) if y != -100)
         assert all(y == -100 for y in labels[:first]) and labels[first:] == ids[first:]
@@ -42,7 +42,7 @@ def test_labels_cover_exactly_the_assistant_tokens(micro):
         # What precedes them is exactly the generation prompt that inference renders.
         prompt = processor.apply_chat_template(tt.chat_messages(r, with_answer=False), add_generation_prompt=True,
                                                tokenize=False)
-        assert processor(text=[prompt], images=tt._load_images(r["images"]),
+        assert processor(text=[prompt], images=tt.load_scene_images(r["images"]),
                          return_tensors="pt")["input_ids"][0].tolist() == ids[:first]
 
 
@@ -66,7 +66,7 @@ def test_micro_build_train_reload_generate(micro):
     record = next(r for r in tt.load_records(data) if r["task"] == "compare")  # two images in one prompt
     prompt = processor.apply_chat_template(tt.chat_messages(record, with_answer=False), add_generation_prompt=True,
                                            tokenize=False)
-    inputs = processor(text=[prompt], images=tt._load_images(record["images"]), return_tensors="pt")
+    inputs = processor(text=[prompt], images=tt.load_scene_images(record["images"]), return_tensors="pt")
     with torch.no_grad():
         gen = model.generate(**inputs, do_sample=False, max_new_tokens=6)
     assert gen.shape[1] > inputs["input_ids"].shape[1]
