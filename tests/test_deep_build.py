@@ -101,3 +101,18 @@ def test_residual_updates_cover_every_block(micro):
     torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
     torch.nn.init.zeros_(layer.mlp.down_proj.weight)
     assert residual_updates(model, processor, tt.load_records(data)[:6])[0] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("after, kept", [(0.75, "mini-vlm-qa"), (0.9, None)])
+def test_counting_stage_is_kept_only_when_it_grades_no_worse(tmp_path, after, kept):
+    from mmspec.data_tools.build_minis import _keep_better
+
+    qa, target = tmp_path / "mini-vlm-qa", tmp_path / "mini-vlm"
+    for d, overall, weights in ((qa, 0.85, b"qa"), (target, after, b"count")):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(weights)
+        (d / "train_metrics.json").write_text(json.dumps({"monitor": [{"overall": 0.1}, {"overall": overall}]}))
+    _keep_better(qa, target)
+    metrics = json.loads((target / "train_metrics.json").read_text())
+    assert (target / "model.safetensors").read_bytes() == (b"qa" if kept else b"count")
+    assert metrics.get("kept", {}).get("weights_of") == kept
