@@ -59,13 +59,16 @@ def warp(logits: Tensor, sampling: SamplingConfig) -> Tensor:
     return scores.softmax(dim=-1)
 
 
-def inverse_cdf(weights: Tensor, u: float) -> int:
-    """A draw from the unnormalised [V] `weights` by one uniform u in [0, 1): the first token whose cumulative weight
-    exceeds u * total. Tokens of weight 0 are never drawn: their cumulative weight equals the previous one, and when
-    rounding puts u * total at the very top the draw is the last token of positive weight."""
+def inverse_cdf(weights: Tensor, u: float | Tensor) -> int:
+    """A draw from the unnormalised [V] `weights` by one uniform u in [0, 1) (a float, or a 0-dim tensor on the
+    weights' device): the first token whose cumulative weight exceeds u * total. Tokens of weight 0 are never drawn:
+    their cumulative weight equals the previous one, and when rounding puts u * total at the very top the draw is the
+    last token of positive weight. One host read."""
     cdf = weights.double().cumsum(0)  # float64: the total of a long vocabulary is exact enough to the last token
-    last = int((weights > 0).nonzero()[-1]) if bool(cdf[-1] > 0) else weights.numel() - 1
-    return min(int(torch.searchsorted(cdf, cdf[-1:] * u, right=True)), last)
+    last = torch.where(weights > 0, torch.arange(weights.numel(), device=weights.device), -1).max()
+    last = torch.where(last >= 0, last, weights.numel() - 1)  # nothing positive: any index, as before
+    draw = torch.searchsorted(cdf, cdf[-1:] * u, right=True)[0]
+    return int(torch.minimum(draw, last))
 
 
 def accept_greedy(tree: DraftTree, target_logits: Tensor) -> Acceptance:
@@ -154,7 +157,10 @@ def accept_sampling(
     target_probs = warp(target_logits, sampling)  # [T, V]
     t = tree.size
     # Every decision of the step reads from these draws: uniform u[c] decides child c, u[0] draws the bonus token.
-    uniforms = torch.rand(t, generator=generator, device=target_probs.device).tolist()
+    uniforms = torch.rand(t, generator=generator, device=target_probs.device)
+    if not rule.relaxed and (tree.draft_probs is None or all(len(c) <= 1 for c in tree.children)):
+        return _exact_walk(tree, target_probs, uniforms)
+    uniforms = uniforms.tolist()
     tokens = tree.tokens.tolist()
     node, path = 0, [0]
     residual = target_probs[0]
@@ -172,6 +178,34 @@ def accept_sampling(
         path.append(node)
         residual = target_probs[node]
     bonus = inverse_cdf(residual, uniforms[0])
+    return Acceptance(path=torch.tensor(path, dtype=torch.long), tokens=tuple(tokens[i] for i in path[1:]) + (bonus,))
+
+
+def _exact_walk(tree: DraftTree, target_probs: Tensor, uniforms: Tensor) -> Acceptance:
+    """accept_sampling under `Exact` where every test's residual is known before the walk: point drafts (the
+    residual of a node's j-th child is p with the earlier siblings' tokens removed) or sampled drafts without
+    siblings (a Jacobi window: the residual is p). Every child's test is then computed at once on the device, and
+    the host reads the step twice (the tests' outcomes, the bonus draw) however wide the tree; the decisions are
+    accept_sampling's, draw for draw."""
+    parents, drafted = tree.parents[1:].to(target_probs.device), tree.tokens[1:]
+    p_x, total = target_probs[parents, drafted], target_probs.sum(dim=-1)
+    if tree.draft_probs is None:
+        earlier = torch.tril(parents[:, None] == parents[None, :], diagonal=-1)  # [T-1, T-1] earlier siblings
+        q_x = total[parents] - (earlier * p_x).sum(dim=1)  # the residual's mass when the child is tested
+    else:
+        q_x = tree.draft_probs[1:].gather(1, drafted[:, None]).squeeze(1).to(p_x.dtype) * total[parents]
+    passed = uniforms[1:] < torch.where(p_x >= q_x, 1.0, p_x / q_x)
+    host = torch.stack([drafted, passed.long()]).tolist()  # the first host read
+    tokens, passed = [-1] + host[0], [True] + [bool(x) for x in host[1]]
+    path = [0]
+    while (node := next((c for c in tree.children[path[-1]] if passed[c]), None)) is not None:
+        path.append(node)
+    residual, kids = target_probs[path[-1]], tree.children[path[-1]]
+    if kids and tree.draft_probs is None:
+        residual = residual.index_fill(0, drafted[[k - 1 for k in kids]], 0.0)
+    elif kids:
+        residual = (residual - tree.draft_probs[kids[0]].to(residual.dtype) * residual.sum()).clamp_(min=0)
+    bonus = inverse_cdf(residual, uniforms[0])  # the second
     return Acceptance(path=torch.tensor(path, dtype=torch.long), tokens=tuple(tokens[i] for i in path[1:]) + (bonus,))
 
 

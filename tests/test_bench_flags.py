@@ -109,8 +109,6 @@ def test_greedy_steps_sync_a_fixed_number_of_times_whatever_the_tree_width(narro
     assert abs(narrow - wide) < 1 and narrow <= 24, (narrow, wide)
 
 
-@pytest.mark.xfail(strict=True, reason="verify.sibling_test reads the residual's mass and the drafted code's p and q on "
-                   "the host (float) for every sibling tested, so sampling syncs grow with the tree's width")
 def test_sampling_steps_sync_a_fixed_number_of_times_whatever_the_tree_width(narrow_and_wide):
     narrow, wide = (_syncs_per_step(p, 1.0) for p in narrow_and_wide)
     assert abs(narrow - wide) < 1, (narrow, wide)

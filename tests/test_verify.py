@@ -5,6 +5,7 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from mmspec import DraftTree, SamplingConfig, accept_greedy, accept_sampling
+from mmspec.acceptance import EXACT
 from mmspec.verify import warp
 from toy_target import chi_square_pvalue
 
@@ -138,3 +139,35 @@ def test_sampling_is_reproducible_with_a_seed():
 def test_sampling_refuses_temperature_zero():
     with pytest.raises(ValueError, match="accept_greedy"):
         accept_sampling(DraftTree.chain([1]), torch.zeros(1, V), SamplingConfig(0.0), torch.Generator())
+
+
+class _SequentialExact:
+    """Exact's decisions through the sibling-by-sibling walk: `relaxed` sends accept_sampling down its general path,
+    and a relaxation that moves nothing leaves every test exact."""
+
+    relaxed, k, node_budget = True, 0, 0.0
+
+    def relax(self, residual, draft, neighbours, budget):
+        return residual, 0.0
+
+
+@pytest.mark.parametrize("shape", ["branchy", "wide", "chain", "sampled chain"])
+def test_exact_walk_decides_draw_for_draw_as_the_sibling_walk(shape):
+    """accept_sampling under Exact tests every child at once (two host reads a step); the general walk tests one
+    sibling at a time. Same generator, same decisions: the same path and tokens, bonus included."""
+    tokens, parents = TREES["chain" if shape == "sampled chain" else shape]
+    torch.manual_seed(3)
+    drafted = torch.tensor([(3 * i + 1) % V for i in range(len(tokens))])
+    draft_probs = None
+    if shape == "sampled chain":  # q likes its drafts more than p does: p(x) / q(x) < 1 rejects now and then
+        draft_probs = torch.softmax((torch.randn(len(tokens), V) * 2).index_put_((torch.arange(len(tokens)), drafted),
+                                                                                  torch.tensor(6.0)), dim=-1)
+    tree = DraftTree.from_parents(drafted, parents, draft_probs)
+    logits = torch.randn(len(tokens), V) * 2
+    logits[tree.parents[1:], tree.tokens[1:]] += 2.0
+    runs = []
+    for rule in (EXACT, _SequentialExact()):
+        g = torch.Generator().manual_seed(11)
+        runs.append([accept_sampling(tree, logits, SamplingConfig(1.0), g, rule) for _ in range(400)])
+    assert [(a.path.tolist(), a.tokens) for a in runs[0]] == [(a.path.tolist(), a.tokens) for a in runs[1]]
+    assert len({a.num_accepted for a in runs[0]}) >= 2  # accepting and rejecting both happened
