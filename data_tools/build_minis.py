@@ -80,8 +80,8 @@ PLANS = {
     "mini": BuildPlan(),  # the shipped mini-vlm family (2-core CPU, ~95 min)
     # Issue #23's deep mini-vlm, sized for a GPU: 5x the scenes, a joint batch of 512 (a step of the 24 x 256
     # decoder is launch-bound on a GPU, so a 4x batch costs little more per step), question stages at 128 with
-    # fresh count questions, descriptions kept in them. The first shot (batch 128 throughout, 120k scenes, caps
-    # 3.4 / 0.8 / 1.1 min) fell short on counting: docs/mini-models.md, "The deep mini-vlm".
+    # fresh count questions, descriptions kept in them. Neither GPU shot so far reached the bars (batch 128 counted
+    # 47 % and described 60 %; this plan 71 % and 29 %): docs/mini-models.md, "The deep mini-vlm".
     "deep": BuildPlan(size="deep", target_size="deep", n_train=200_000, shards=16, target_steps=12_000,
                       target_batch=512, qa_batch=128, count_batch=128, qa_steps=3_000, n_count=100_000,
                       count_steps=3_000, qa_describe_share=0.3, count_describe_share=0.25),
