@@ -189,14 +189,14 @@ def plot_tradeoff(report: dict, path: str | Path, size: tuple[int, int] = (720, 
     (no plotting dependency). Needs a report with quality figures."""
     from PIL import Image, ImageDraw
 
-    points = [(name, r) for name, r in report["methods"].items()]
-    points += [(r["label"], r) for r in report["sweep"] if r["rule"] == "lantern"]
-    points = [(n, r["faithfulness"], r["speedup"]) for n, r in points if r.get("faithfulness") is not None]
-    if not points:
+    head = [(n, r["faithfulness"], r["speedup"]) for n, r in report["methods"].items()]
+    sweep = [(r["label"], r["faithfulness"], r["speedup"]) for r in report["sweep"]]
+    head, sweep = ([p for p in ps if p[1] is not None] for ps in (head, sweep))
+    if not head:
         raise InputError("the report has no faithfulness figures (run the bench without --no-quality)")
     w, h, m = *size, 60
-    xs, ys = [p[1] for p in points], [p[2] for p in points]
-    x0, x1 = min(xs + [0.5]) - 0.02, max(xs + [1.0]) + 0.02
+    xs, ys = [p[1] for p in head + sweep], [p[2] for p in head + sweep]
+    x0, x1 = min(xs) - 0.03, max(xs + [1.0]) + 0.01
     y0, y1 = 0.0, max(ys) * 1.15
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
@@ -212,13 +212,18 @@ def plot_tradeoff(report: dict, path: str | Path, size: tuple[int, int] = (720, 
         tx = x0 + (x1 - x0) * t / 10
         draw.text((at(tx, y0)[0] - 12, h - m + 8), f"{tx:.2f}", fill="gray")
     draw.line([at(x0, 1.0), at(x1, 1.0)], fill=(200, 200, 200))  # autoregressive speed
+    for label, x, y in sweep:  # unlabelled: the JSON names them; Jacobi sweeps green, drafter trees orange
+        cx, cy = at(x, y)
+        draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=(150, 210, 150) if "jacobi" in label else (240, 180, 130))
     colours = {"autoregressive": "black", "exact": "blue", "lantern": "red", "lantern++": "purple", "sjd": "green",
                "gsd": (0, 150, 150), "sjd-lantern": (120, 160, 0)}
-    for name, x, y in points:
+    for name, x, y in head:
         cx, cy = at(x, y)
         colour = colours.get(name, (230, 120, 60))
         draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour)
         draw.text((cx + 6, cy - 6), name, fill=colour)
+    draw.text((m, h - 20), "faithfulness; small points: the sweep (green: Jacobi windows and rules, orange: LANTERN "
+                           "trees)", fill="gray")
     draw.text((m, 12), f"{report['target']}: speedup over autoregressive vs faithfulness ({report['n_prompts']} prompts, "
                        f"guidance {report['guidance_scale']}, T={report['temperature']})", fill="black")
     path = Path(path)

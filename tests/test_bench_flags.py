@@ -119,3 +119,21 @@ def test_bench_rows_report_host_syncs_per_step():
 
     ar = MethodResult(tokens=[[1, 2]], new_tokens=2, target_forwards=2, wall_s=1.0, host_syncs_per_step=12.5)
     assert method_rows({"autoregressive": ar}, greedy=True)["autoregressive"]["host_syncs_per_step"] == 12.5
+
+
+def test_tradeoff_plot_draws_headline_and_sweep_points(tmp_path):
+    from PIL import Image
+
+    from mmspec.bench_image import plot_tradeoff
+    from mmspec.errors import InputError
+
+    row = lambda f, s: {"faithfulness": f, "speedup": s}  # noqa: E731
+    report = {"target": "t", "n_prompts": 2, "guidance_scale": 5.0, "temperature": 1.0,
+              "methods": {"autoregressive": row(0.95, 1.0), "sjd": row(0.9, 2.0)},
+              "sweep": [{"label": "jacobi w=4 left Exact()", **row(0.93, 1.5)}, {"label": "x", **row(None, 9.0)}]}
+    img = Image.open(plot_tradeoff(report, tmp_path / "p.png")).convert("RGB")
+    colours = {colour for _, colour in img.getcolors(maxcolors=1 << 16)}
+    assert (150, 210, 150) in colours and img.getpixel((0, 0)) == (255, 255, 255)  # the Jacobi sweep point is drawn
+    report["methods"] = {k: row(None, v["speedup"]) for k, v in report["methods"].items()}
+    with pytest.raises(InputError, match="faithfulness"):
+        plot_tradeoff(report, tmp_path / "q.png")
