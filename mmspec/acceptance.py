@@ -15,6 +15,11 @@ against it: the committed code at a node follows p with every move applied, so T
 Relaxed rules move mass between latent-space neighbours (`neighbours` [V, k'], each code's nearest other codes,
 nearest first: ImagePipeline.neighbours) and only make sense for image-code targets.
 
+`relax_rows(residual [N, V], draft [N, V], neighbours, budget) -> (relaxed [N, V], moved [N])` is `relax` for N
+rows at once, each with the whole budget: the tests of a chain (a Jacobi window), where every drafted node is its
+parent's only child and so meets a fresh node, are all relaxed in one pass (a rule without it is walked node by node).
+The built-in rules' `relax` is `relax_rows` on one row: one place for each rule.
+
 `relaxed_mass(target_probs [N, V], tokens [N], neighbours) -> [N]` is the same rule for a point draft at a fresh
 node (the mass that stands in for p(x)); greedy decoding reads it (verify.accept_relaxed_greedy).
 """
@@ -48,6 +53,10 @@ class Exact:
     def relax(self, residual: Tensor, draft: Tensor, neighbours: Tensor | None, budget: float) -> tuple[Tensor, float]:
         return residual, 0.0
 
+    def relax_rows(self, residual: Tensor, draft: Tensor, neighbours: Tensor | None, budget: float
+                   ) -> tuple[Tensor, Tensor]:
+        return residual, residual.new_zeros(residual.shape[0])
+
     def relaxed_mass(self, target_probs: Tensor, tokens: Tensor, neighbours: Tensor | None = None) -> Tensor:
         """target_probs [N, V], tokens [N] -> [N]: p(x)."""
         return target_probs.gather(1, tokens.reshape(-1, 1).to(target_probs.device))[:, 0]
@@ -60,7 +69,8 @@ class AcceptanceRule(Protocol):
     """Everything the engine reads of an acceptance rule (`acceptance=` takes any object that has it): `Exact`,
     `Lantern`, `LanternPP`, `Grouped` or a rule of your own. `relaxed`: it changes the output distribution (refused on
     text targets); `k`: the neighbours per code it reads from the table (0 reads none);
-    `node_budget`: the mass the siblings of one node may move together; `relax` and `relaxed_mass` as above."""
+    `node_budget`: the mass the siblings of one node may move together; `relax` and `relaxed_mass` as above. A rule
+    may also have `relax_rows` (above): chains are then tested in one pass, else node by node."""
 
     relaxed: bool
     k: int
@@ -92,6 +102,20 @@ def check_rule(rule: object) -> AcceptanceRule:
     return rule
 
 
+# Elements of the widest intermediate ([rows, V, 1 + k]) a batched relaxation holds at once: a Jacobi window of 16
+# rows on a 16k codebook at k = 1024 would otherwise hold a gigabyte.
+_CHUNK = 1 << 24
+
+def _in_chunks(relax_rows, width: int, residual: Tensor, draft: Tensor, neighbours: Tensor | None, budget: float
+               ) -> tuple[Tensor, Tensor] | None:
+    """relax_rows over chunks of rows whose [rows, V, width] intermediates fit _CHUNK; None when all rows fit."""
+    rows = max(1, _CHUNK // (residual.shape[1] * width))
+    if residual.shape[0] <= rows:
+        return None
+    parts = [relax_rows(r, d, neighbours, budget) for r, d in zip(residual.split(rows), draft.split(rows))]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
 # A relaxed rule's k is a column count of the [V, k] neighbour table kept for the target's life: k = 16383 on a 16k
 # codebook would hold 2.1 GB. LANTERN's own settings stay at or below 1000 (Jang et al., ICLR 2025).
 MAX_K = 1024
@@ -110,20 +134,28 @@ def _check_fraction(value: object, what: str) -> None:
         raise InputError(f"{what} must be a number in [0, 1], got {value!r}")
 
 
-def _near(neighbours: Tensor | None, codes: Tensor, k: int, device) -> Tensor:
-    """[N] codes -> [N, k] their k nearest other codes, nearest first."""
+def _near(neighbours: Tensor | None, codes: Tensor | None, k: int, device) -> Tensor:
+    """[N] codes -> [N, k] their k nearest other codes, nearest first; codes None: every code's, [V, k]."""
     if neighbours is None:
         raise InputError("a relaxed acceptance rule needs the target's neighbour table (ImagePipeline.neighbours)")
     if k > neighbours.shape[1]:
         raise InputError(f"k={k} is more than the {neighbours.shape[1]} neighbours in the table; use a smaller k")
-    return neighbours[codes.to(neighbours.device)][:, :k].to(device)
+    rows = neighbours if codes is None else neighbours.index_select(0, codes.to(neighbours.device))
+    return rows[:, :k].to(device)
 
 
 def _prefix_claims(give: Tensor, cap: Tensor) -> Tensor:
-    """[R, k] mass each receiver may take from its neighbours (nearest first), [R] cap -> [R, k] what it claims: the
-    longest nearest-first prefix whose cumulative mass stays within the cap (cum is non-decreasing, so "within the
-    cap" is a prefix: LANTERN's m*, the largest m with S_m <= delta)."""
-    return give * (give.cumsum(1) <= cap[:, None])
+    """[..., R, k] mass each receiver may take from its neighbours (nearest first), [..., R] cap -> [..., R, k] what
+    it claims: the longest nearest-first prefix whose cumulative mass stays within the cap (cum is non-decreasing, so
+    "within the cap" is a prefix: LANTERN's m*, the largest m with S_m <= delta)."""
+    return give * (give.cumsum(-1) <= cap[..., None])
+
+
+def _one_row(relax_rows, residual: Tensor, draft: Tensor, neighbours: Tensor | None, budget: float
+             ) -> tuple[Tensor, float]:
+    """A rule's `relax` as its `relax_rows` on one row."""
+    relaxed, moved = relax_rows(residual[None], draft[None], neighbours, budget)
+    return relaxed[0], float(moved[0])
 
 
 @dataclass(frozen=True)
@@ -141,25 +173,35 @@ class _Relaxed:
         raise NotImplementedError
 
     def relax(self, residual: Tensor, draft: Tensor, neighbours: Tensor | None, budget: float) -> tuple[Tensor, float]:
+        return _one_row(self.relax_rows, residual, draft, neighbours, budget)
+
+    def relax_rows(self, residual: Tensor, draft: Tensor, neighbours: Tensor | None, budget: float
+                   ) -> tuple[Tensor, Tensor]:
         """Codes the draft wants more of than the residual holds (receivers; x alone for a point draft) claim their
         nearest neighbours' excess, nearest first, within the rule's cap and the node's budget left. A neighbour
-        claimed by several receivers gives each an equal share, and a total over the budget is scaled down to it."""
+        claimed by several receivers gives each an equal share, and a total over the budget is scaled down to it.
+        Only the codes some row receives at are looked at ([N, R, k]), so a point draft costs k, not V * k."""
+        n, zeros = residual.shape[0], residual.new_zeros(residual.shape[0])
         if budget <= 0:
-            return residual, 0.0
-        receivers = (draft > residual).nonzero()[:, 0]  # [R]
-        if receivers.numel() == 0:
-            return residual, 0.0
-        near = _near(neighbours, receivers, self.k, residual.device)  # [R, k]
-        give = (residual - draft).clamp(min=0)[near]
-        cap = self.claim_cap(residual[receivers]).clamp(max=budget)
+            return residual, zeros
+        if (chunked := _in_chunks(self.relax_rows, self.k, residual, draft, neighbours, budget)) is not None:
+            return chunked
+        wants = draft > residual  # [N, V]
+        cols = wants.any(0).nonzero()[:, 0]  # [R] codes some row receives at
+        if cols.numel() == 0:
+            return residual, zeros
+        near = _near(neighbours, cols, self.k, residual.device)  # [R, k]
+        flat = near.flatten()
+        give = (residual - draft).clamp(min=0).index_select(1, flat).view(n, *near.shape)  # [N, R, k]
+        cap = self.claim_cap(residual.index_select(1, cols)).clamp(max=budget) * wants.index_select(1, cols)
         claims = _prefix_claims(give, cap)
-        shared = torch.zeros_like(residual).index_add_(0, near.flatten(), (claims > 0).flatten().to(residual.dtype))
-        claims = claims / shared[near].clamp(min=1)
-        moved = float(claims.sum())
-        if moved > budget:
-            claims, moved = claims * (budget / moved), budget
-        relaxed = residual.index_add(0, receivers, claims.sum(1)).index_add_(0, near.flatten(), -claims.flatten())
-        return relaxed.clamp_(min=0), moved
+        shared = torch.zeros_like(residual).index_add_(1, flat, (claims > 0).flatten(1).to(residual.dtype))
+        claims = claims / shared.index_select(1, flat).view_as(claims).clamp(min=1)
+        moved = claims.sum((1, 2))  # [N]
+        over = moved > budget
+        claims = torch.where(over[:, None, None], claims * (budget / moved.clamp(min=1e-30))[:, None, None], claims)
+        relaxed = residual.index_add(1, cols, claims.sum(2)).index_add_(1, flat, -claims.flatten(1))
+        return relaxed.clamp_(min=0), torch.where(over, torch.full_like(moved, budget), moved)
 
     def relaxed_mass(self, target_probs: Tensor, tokens: Tensor, neighbours: Tensor | None = None) -> Tensor:
         """target_probs [N, V], tokens [N] -> [N]: p~(x) = p(x) + S_m*, the mass of x and the neighbours it claims."""
@@ -243,38 +285,50 @@ class Grouped:
         return float(self.delta)
 
     def relax(self, residual: Tensor, draft: Tensor, neighbours: Tensor | None, budget: float) -> tuple[Tensor, float]:
+        return _one_row(self.relax_rows, residual, draft, neighbours, budget)
+
+    def relax_rows(self, residual: Tensor, draft: Tensor, neighbours: Tensor | None, budget: float
+                   ) -> tuple[Tensor, Tensor]:
+        n, v = residual.shape
         if budget <= 0:
-            return residual, 0.0
-        v, dev = residual.numel(), residual.device
-        codes = torch.arange(v, device=dev)
-        cand = torch.cat([codes[:, None], _near(neighbours, codes, self.k, dev)], 1)  # [V, 1 + k], itself first
-        close = (residual[cand] - residual[:, None]).abs() <= self.closeness * float(residual.sum())
+            return residual, residual.new_zeros(n)
+        if (chunked := _in_chunks(self.relax_rows, self.k + 1, residual, draft, neighbours, budget)) is not None:
+            return chunked
+        codes = torch.arange(v, device=residual.device)
+        cand = torch.cat([codes[:, None], _near(neighbours, None, self.k, residual.device)], 1)  # [V, 1 + k]
+        flat = cand.flatten()
+
+        def at(x: Tensor) -> Tensor:  # [N, V] -> [N, V, 1 + k] the values of each code's candidates, itself first
+            return x.index_select(1, flat).view(n, v, -1)
+
+        close = (at(residual) - residual[:, :, None]).abs() <= self.closeness * residual.sum(1)[:, None, None]
         # argmax takes the first of equal scores, so a code the draft gives no more than its neighbours leads itself
-        leader = cand.gather(1, torch.where(close, draft[cand], -1.0).argmax(1, keepdim=True))[:, 0]
-        group = torch.where(leader[leader] == leader, leader, codes)  # [V] each code's group, named by its leader
+        pick = torch.where(close, at(draft), -1.0).argmax(2, keepdim=True)
+        leader = cand.expand(n, -1, -1).gather(2, pick)[..., 0]  # [N, V]
+        group = torch.where(leader.gather(1, leader) == leader, leader, codes)  # each code's group, named by its leader
 
-        def total(x: Tensor) -> Tensor:  # [V] per code -> [V] per group
-            return torch.zeros_like(residual).index_add_(0, group, x)
+        def total(x: Tensor) -> Tensor:  # [N, V] per code -> [N, V] per group
+            return torch.zeros_like(residual).scatter_add_(1, group, x)
 
-        p_g, q_g = total(residual), total(draft)
-        spread = torch.where(q_g[group] > 0, draft * p_g[group] / q_g[group].clamp(min=1e-30), residual)
-        cost = total((spread - residual).abs()) / 2  # [V] mass each group moves (0 for singletons)
-        order = cost.argsort()
-        fits = cost[order].cumsum(0) <= budget
-        keep = torch.zeros(v, dtype=torch.bool, device=dev)
-        keep[order] = fits
-        relaxed, moved = torch.where(keep[group], spread, residual), float(cost[keep].sum())
-        if not bool(fits.all()):  # the cheapest group that does not fit whole keeps what the budget left allows
-            first = int(order[int((~fits).nonzero()[0])])
-            relaxed, moved = _trimmed(relaxed, residual, draft, (group == first).nonzero()[:, 0], first, budget - moved,
-                                      moved)
+        p_at, q_at = total(residual).gather(1, group), total(draft).gather(1, group)  # each code's group totals
+        spread = torch.where(q_at > 0, draft * p_at / q_at.clamp(min=1e-30), residual)
+        cost = total((spread - residual).abs()) / 2  # [N, V] mass each group moves (0 for singletons)
+        order = cost.argsort(dim=1, stable=True)
+        fits = cost.gather(1, order).cumsum(1) <= budget  # a prefix of each row's order
+        keep = torch.zeros_like(fits).scatter_(1, order, fits)
+        relaxed, moved = torch.where(keep.gather(1, group), spread, residual), (cost * keep).sum(1)
+        for row in (~fits.all(1)).nonzero()[:, 0].tolist():  # rare (~2 % of mini-gen's Jacobi tests)
+            # the cheapest group that does not fit whole keeps what the budget left allows
+            first, done = int(order[row, int(fits[row].sum())]), float(moved[row])
+            relaxed[row], moved[row] = _trimmed(relaxed[row], residual[row], draft[row],
+                                                (group[row] == first).nonzero()[:, 0], first, budget - done, done)
         return relaxed, moved
 
     def relaxed_mass(self, target_probs: Tensor, tokens: Tensor, neighbours: Tensor | None = None) -> Tensor:
         """target_probs [N, V], tokens [N] -> [N]: the mass x is tested with as a point draft at a fresh node."""
-        tokens = tokens.reshape(-1).tolist()
-        return torch.stack([self.relax(p, point_draft(p, x), neighbours, self.node_budget)[0][x]
-                            for p, x in zip(target_probs, tokens)])
+        tokens = tokens.reshape(-1, 1).to(target_probs.device)
+        drafts = torch.zeros_like(target_probs).scatter_(1, tokens, target_probs.sum(1, keepdim=True))
+        return self.relax_rows(target_probs, drafts, neighbours, self.node_budget)[0].gather(1, tokens)[:, 0]
 
 
 def _trimmed(relaxed: Tensor, residual: Tensor, draft: Tensor, members: Tensor, leader: int, budget: float,

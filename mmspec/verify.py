@@ -158,7 +158,9 @@ def accept_sampling(
     t = tree.size
     # Every decision of the step reads from these draws: uniform u[c] decides child c, u[0] draws the bonus token.
     uniforms = torch.rand(t, generator=generator, device=target_probs.device)
-    if not rule.relaxed and (tree.draft_probs is None or all(len(c) <= 1 for c in tree.children)):
+    if all(len(c) <= 1 for c in tree.children) and hasattr(rule, "relax_rows"):
+        return _chain_walk(tree, target_probs, uniforms, rule, neighbours)
+    if not rule.relaxed and tree.draft_probs is None:
         return _exact_walk(tree, target_probs, uniforms)
     uniforms = uniforms.tolist()
     tokens = tree.tokens.tolist()
@@ -182,31 +184,71 @@ def accept_sampling(
 
 
 def _exact_walk(tree: DraftTree, target_probs: Tensor, uniforms: Tensor) -> Acceptance:
-    """accept_sampling under `Exact` where every test's residual is known before the walk: point drafts (the
-    residual of a node's j-th child is p with the earlier siblings' tokens removed) or sampled drafts without
-    siblings (a Jacobi window: the residual is p). Every child's test is then computed at once on the device, and
-    the host reads the step twice (the tests' outcomes, the bonus draw) however wide the tree; the decisions are
-    accept_sampling's, draw for draw."""
+    """accept_sampling under `Exact` for a tree of point drafts: the residual of a node's j-th child is p with the
+    earlier siblings' tokens removed, known before the walk, so every child's test is computed at once on the device
+    and the host reads the step twice (the tests' outcomes, the bonus draw) however wide the tree. The decisions are
+    the sibling walk's for the same draws (up to float rounding)."""
     parents, drafted = tree.parents[1:].to(target_probs.device), tree.tokens[1:]
-    p_x, total = target_probs[parents, drafted], target_probs.sum(dim=-1)
-    if tree.draft_probs is None:
-        earlier = torch.tril(parents[:, None] == parents[None, :], diagonal=-1)  # [T-1, T-1] earlier siblings
-        q_x = total[parents] - (earlier * p_x).sum(dim=1)  # the residual's mass when the child is tested
+    p_x, total = target_probs[parents, drafted].double(), target_probs.double().sum(dim=-1)
+    earlier = torch.tril(parents[:, None] == parents[None, :], diagonal=-1)  # [T-1, T-1] earlier siblings
+    left = total[parents] - (earlier * p_x).sum(dim=1)  # the residual's mass when the child is tested
+    # p(x) > 0: rounding can leave a hair of mass after siblings that held it all; a zero-probability code never passes
+    passed = (uniforms[1:] < torch.where(p_x >= left, 1.0, p_x / left)) & (p_x > 0)
+    kids_of = tree.children
+    path = _first_passing_path(kids_of, drafted, passed)
+    tokens, node = path.tokens, path.nodes[-1]
+    residual = target_probs[node]
+    if kids_of[node]:
+        residual = residual.index_fill(0, drafted[[k - 1 for k in kids_of[node]]], 0.0)
+    return _finish(path.nodes, tokens, residual, uniforms, target_probs[node])
+
+
+def _chain_walk(tree: DraftTree, target_probs: Tensor, uniforms: Tensor, rule, neighbours: Tensor | None
+                ) -> Acceptance:
+    """accept_sampling on a chain (a Jacobi window, an EAGLE chain): every drafted node is its parent's only child,
+    so each test meets a fresh node with the rule's whole budget and none depends on another's outcome. All are
+    relaxed at once (rule.relax_rows) and tested on the device; the host reads the step twice. The decisions are the
+    sibling walk's for the same draws (up to float rounding)."""
+    drafted = tree.tokens[1:]
+    if drafted.numel() == 0:  # the root alone: plain decoding
+        return _finish([0], [], target_probs[0], uniforms, target_probs[0])
+    rows = target_probs[:-1]  # [N, V] node n tests node n + 1
+    mass = rows.sum(dim=1, keepdim=True)
+    if tree.draft_probs is None:  # point drafts: all of the node's mass on x
+        draft = torch.zeros_like(rows).scatter_(1, drafted[:, None], mass)
     else:
-        q_x = tree.draft_probs[1:].gather(1, drafted[:, None]).squeeze(1).to(p_x.dtype) * total[parents]
-    passed = uniforms[1:] < torch.where(p_x >= q_x, 1.0, p_x / q_x)
-    host = torch.stack([drafted, passed.long()]).tolist()  # the first host read
-    tokens, passed = [-1] + host[0], [True] + [bool(x) for x in host[1]]
-    path = [0]
-    while (node := next((c for c in tree.children[path[-1]] if passed[c]), None)) is not None:
+        draft = tree.draft_probs[1:].to(rows.dtype) * mass
+    relaxed, _ = rule.relax_rows(rows, draft, neighbours, rule.node_budget)
+    r_x, q_x = relaxed.gather(1, drafted[:, None])[:, 0], draft.gather(1, drafted[:, None])[:, 0]
+    passed = (uniforms[1:] < torch.where(r_x >= q_x, 1.0, r_x / q_x)) & (r_x > 0)
+    path = _first_passing_path(tree.children, drafted, passed)
+    node = path.nodes[-1]
+    residual = (relaxed[node] - draft[node]).clamp_(min=0) if node < drafted.numel() else target_probs[node]
+    return _finish(path.nodes, path.tokens, residual, uniforms, target_probs[node])
+
+
+@dataclass(frozen=True)
+class _Path:
+    nodes: list[int]  # root first
+    tokens: list[int]  # the drafted tokens of nodes[1:]
+
+
+def _first_passing_path(children: list[list[int]], drafted: Tensor, passed: Tensor) -> _Path:
+    """From the root, the first child that passed its test, until none did: the one host read of the tests."""
+    host = torch.stack([drafted, passed.long()]).tolist()
+    ok, path = [True] + [bool(x) for x in host[1]], [0]
+    while (node := next((c for c in children[path[-1]] if ok[c]), None)) is not None:
         path.append(node)
-    residual, kids = target_probs[path[-1]], tree.children[path[-1]]
-    if kids and tree.draft_probs is None:
-        residual = residual.index_fill(0, drafted[[k - 1 for k in kids]], 0.0)
-    elif kids:
-        residual = (residual - tree.draft_probs[kids[0]].to(residual.dtype) * residual.sum()).clamp_(min=0)
-    bonus = inverse_cdf(residual, uniforms[0])  # the second
-    return Acceptance(path=torch.tensor(path, dtype=torch.long), tokens=tuple(tokens[i] for i in path[1:]) + (bonus,))
+    return _Path(path, [host[0][n - 1] for n in path[1:]])
+
+
+def _finish(nodes: list[int], tokens: list[int], residual: Tensor, uniforms: Tensor, row: Tensor) -> Acceptance:
+    """The accepted path and the bonus drawn from what is left at its end (the second host read). A rejection that
+    only rounding allowed (the children held all of the mass) leaves nothing: then the bonus is drawn from the node's
+    own distribution `row` rather than from an empty residual (on the device: no extra read)."""
+    residual = torch.where(residual.sum() > 0, residual, row)
+    bonus = inverse_cdf(residual, uniforms[0])
+    return Acceptance(path=torch.tensor(nodes, dtype=torch.long), tokens=tuple(tokens) + (bonus,))
 
 
 Acceptor = Callable[[DraftTree, Tensor], Acceptance]

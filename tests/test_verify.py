@@ -5,7 +5,8 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from mmspec import DraftTree, SamplingConfig, accept_greedy, accept_sampling
-from mmspec.acceptance import EXACT
+from mmspec import acceptance, verify
+from mmspec.acceptance import EXACT, Grouped, Lantern, LanternPP
 from mmspec.verify import warp
 from toy_target import chi_square_pvalue
 
@@ -141,20 +142,30 @@ def test_sampling_refuses_temperature_zero():
         accept_sampling(DraftTree.chain([1]), torch.zeros(1, V), SamplingConfig(0.0), torch.Generator())
 
 
-class _SequentialExact:
-    """Exact's decisions through the sibling-by-sibling walk: `relaxed` sends accept_sampling down its general path,
-    and a relaxation that moves nothing leaves every test exact."""
+class _NodeByNode:
+    """A rule's decisions through the sibling-by-sibling walk: the same rule without `relax_rows` (so no chain is
+    tested in one pass) and with `relaxed` set (so Exact leaves the point-draft fast path too)."""
 
-    relaxed, k, node_budget = True, 0, 0.0
+    relaxed = True
+
+    def __init__(self, rule):
+        self.rule, self.k, self.node_budget = rule, rule.k, rule.node_budget
 
     def relax(self, residual, draft, neighbours, budget):
-        return residual, 0.0
+        return self.rule.relax(residual, draft, neighbours, budget)
 
 
-@pytest.mark.parametrize("shape", ["branchy", "wide", "chain", "sampled chain"])
-def test_exact_walk_decides_draw_for_draw_as_the_sibling_walk(shape):
-    """accept_sampling under Exact tests every child at once (two host reads a step); the general walk tests one
-    sibling at a time. Same generator, same decisions: the same path and tokens, bonus included."""
+NEIGHBOURS = torch.stack([(torch.arange(V) + s) % V for s in (1, -1, 2, -2)], dim=1)  # overlapping, nearest first
+FAST = {"branchy": "_exact_walk", "wide": "_exact_walk", "chain": "_chain_walk", "sampled chain": "_chain_walk"}
+
+
+@pytest.mark.parametrize("shape,rule", [(s, EXACT) for s in FAST] + [
+    (s, r) for s in ("chain", "sampled chain")
+    for r in (Lantern(k=3, delta=0.3), LanternPP(k=3, lam=2.0), Grouped(k=3, delta=0.3, closeness=0.2))])
+def test_fast_walks_decide_draw_for_draw_as_the_sibling_walk(shape, rule, monkeypatch):
+    """accept_sampling tests every child at once where the tests do not depend on each other (Exact on point drafts,
+    any rule with relax_rows on a chain: two host reads a step); the general walk tests one sibling at a time. Same
+    generator, same decisions: the same path and tokens, bonus included. The spy makes sure the fast walk ran."""
     tokens, parents = TREES["chain" if shape == "sampled chain" else shape]
     torch.manual_seed(3)
     drafted = torch.tensor([(3 * i + 1) % V for i in range(len(tokens))])
@@ -165,9 +176,35 @@ def test_exact_walk_decides_draw_for_draw_as_the_sibling_walk(shape):
     tree = DraftTree.from_parents(drafted, parents, draft_probs)
     logits = torch.randn(len(tokens), V) * 2
     logits[tree.parents[1:], tree.tokens[1:]] += 2.0
+    calls = []
+    real = getattr(verify, FAST[shape])
+    monkeypatch.setattr(verify, FAST[shape], lambda *a: calls.append(1) or real(*a))
     runs = []
-    for rule in (EXACT, _SequentialExact()):
+    for r in (rule, _NodeByNode(rule)):
         g = torch.Generator().manual_seed(11)
-        runs.append([accept_sampling(tree, logits, SamplingConfig(1.0), g, rule) for _ in range(400)])
+        runs.append([accept_sampling(tree, logits, SamplingConfig(1.0), g, r, NEIGHBOURS) for _ in range(400)])
+        assert len(calls) == 400  # the fast walk ran for every step of the first run and none of the second
     assert [(a.path.tolist(), a.tokens) for a in runs[0]] == [(a.path.tolist(), a.tokens) for a in runs[1]]
     assert len({a.num_accepted for a in runs[0]}) >= 2  # accepting and rejecting both happened
+
+
+@pytest.mark.parametrize("rule", [Lantern(k=3, delta=0.3), LanternPP(k=2, lam=1.5),
+                                  Grouped(k=3, delta=0.05, closeness=0.3)])
+def test_relax_rows_is_relax_row_by_row(rule, monkeypatch):
+    """relax_rows relaxes N rows at once, in chunks when they are wide; each row as relax alone (which is relax_rows
+    on one row) would. Point and sampled drafts, partial budgets; Grouped's tight delta trims groups on some rows."""
+    torch.manual_seed(5)
+    residual = torch.softmax(torch.randn(12, V) * 2, dim=-1) * torch.rand(12, 1)
+    point = torch.zeros_like(residual).scatter_(1, torch.randint(V, (12, 1)), residual.sum(1, keepdim=True))
+    sampled = torch.softmax(torch.randn(12, V) * 2, dim=-1) * residual.sum(1, keepdim=True)
+    for draft in (point, sampled):
+        for budget in (rule.node_budget, 0.07):
+            rows, moved = rule.relax_rows(residual, draft, NEIGHBOURS, budget)
+            monkeypatch.setattr(acceptance, "_CHUNK", 2 * V * (rule.k + 1))  # two rows a chunk
+            chunked = rule.relax_rows(residual, draft, NEIGHBOURS, budget)
+            monkeypatch.undo()
+            for i in range(12):
+                one, m = rule.relax(residual[i], draft[i], NEIGHBOURS, budget)
+                assert torch.allclose(rows[i], one, atol=1e-7) and moved[i].item() == pytest.approx(m, abs=1e-7)
+            assert torch.allclose(chunked[0], rows, atol=1e-7) and torch.allclose(chunked[1], moved, atol=1e-7)
+            assert bool((moved <= budget + 1e-7).all()) and bool((moved > 0).any())
