@@ -232,38 +232,45 @@ def _vlm_target(plan: BuildPlan, work: Path, run: _Stages) -> Path:
         select_tasks([(data / "train.jsonl", {**QA_SHARE, "describe": plan.qa_describe_share})], data / "qa.jsonl",
                      plan.seed)
         _train_stage(run, "target-qa", qa, model_dir=joint, data_jsonl=data / "qa.jsonl", steps=plan.qa_steps,
-                     batch_size=plan.qa_batch or plan.target_batch, lr=plan.qa_lr, seed=plan.seed + 1, per_example_loss=True, minutes=minutes[1],
-                     monitor_every=max(1, plan.qa_steps // 8), **common)
+                     batch_size=plan.qa_batch or plan.target_batch, lr=plan.qa_lr, seed=plan.seed + 1,
+                     per_example_loss=True, minutes=minutes[1], monitor_every=max(1, plan.qa_steps // 8), **common)
     if _stage("count-data", data / "count.jsonl"):
         run("count-data", lambda: make_dataset_sharded(plan.n_count, data, plan.seed + COUNT_SEED_OFFSET, ["count"],
                                                        "count", plan.shards))
-    logger.info("[target-count] building -> %s", target)
-    mix, seed = data / "count_mix.jsonl", plan.seed + COUNT_SEED_OFFSET_TRAIN
-    select_tasks([(data / "train.jsonl", {**COUNT_MIX_SHARE, "describe": plan.count_describe_share}),
-                  (data / "count.jsonl", COUNT_SHARE)], mix, seed)
-    _train_stage(run, "target-count", target, model_dir=qa, data_jsonl=mix, steps=plan.count_steps,
-                 batch_size=plan.count_batch or plan.target_batch, lr=plan.count_lr, seed=seed,
-                 per_example_loss=True, minutes=minutes[2], monitor_every=max(1, plan.count_steps // 6), **common)
-    _keep_better(qa, target)
+    count = work / "mini-vlm-count"
+    if _stage("target-count", count / "train_metrics.json"):
+        mix, seed = data / "count_mix.jsonl", plan.seed + COUNT_SEED_OFFSET_TRAIN
+        select_tasks([(data / "train.jsonl", {**COUNT_MIX_SHARE, "describe": plan.count_describe_share}),
+                      (data / "count.jsonl", COUNT_SHARE)], mix, seed)
+        _train_stage(run, "target-count", count, model_dir=qa, data_jsonl=mix, steps=plan.count_steps,
+                     batch_size=plan.count_batch or plan.target_batch, lr=plan.count_lr, seed=seed,
+                     per_example_loss=True, minutes=minutes[2], monitor_every=max(1, plan.count_steps // 6), **common)
+    _promote(qa, count, target)
     return target
 
 
-def _keep_better(qa: Path, target: Path) -> None:
+def _promote(qa: Path, count: Path, target: Path) -> None:
     """The counting stage first unlearns the short-answer stage's prior for "one" and dips before it counts better
-    (docs/mini-models.md); cut short by a clock cap it can end in the dip. Its result is kept only when it grades at
-    least as well on the monitor's held-out eval questions (eval.jsonl, never test.jsonl) as the stage before it;
-    else the short-answer stage's weights become the target, and train_metrics.json says which was kept."""
+    (docs/mini-models.md); cut short by a clock cap it can end in the dip. Its weights become the target only when
+    they grade at least as well on the monitor (eval.jsonl's first 96 count and colour questions, never test.jsonl)
+    as the short-answer stage's; else those do. The target appears whole, by a rename, with train_metrics.json saying
+    which weights it holds, so a build stopped half way never resumes from an unchecked target."""
     def last(d: Path) -> dict:
         return (json.loads((d / "train_metrics.json").read_text()).get("monitor") or [{}])[-1]
 
-    before, after = last(qa), last(target)
-    if "overall" not in before or after.get("overall", 0.0) >= before["overall"]:
-        return
-    logger.info("[target-count] graded %s after the counting stage, %s before: keeping %s", after, before, qa)
-    metrics = json.loads((target / "train_metrics.json").read_text())
-    shutil.copy(qa / "model.safetensors", target / "model.safetensors")
-    metrics["kept"] = {"weights_of": qa.name, "monitor_after_counting": after, "monitor_before": before}
-    (target / "train_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    before, after = last(qa), last(count)
+    chosen = count if "overall" not in before or after.get("overall", 0.0) >= before["overall"] else qa
+    logger.info("[target-count] monitor %s after the counting stage, %s before: the target is %s", after, before,
+                chosen)
+    metrics = json.loads((count / "train_metrics.json").read_text())
+    metrics["kept"] = {"weights_of": chosen.name, "monitor_after_counting": after, "monitor_before": before}
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(count, staging)  # the processor files with the weights
+    shutil.copy(chosen / "model.safetensors", staging / "model.safetensors")
+    (staging / "train_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    shutil.rmtree(target, ignore_errors=True)  # never a finished target: that one returned early above
+    staging.rename(target)
 
 
 def _vlm_grade(plan: BuildPlan, work: Path, target: Path, run: _Stages, info: dict) -> None:

@@ -103,16 +103,17 @@ def test_residual_updates_cover_every_block(micro):
     assert residual_updates(model, processor, tt.load_records(data)[:6])[0] == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("after, kept", [(0.75, "mini-vlm-qa"), (0.9, None)])
-def test_counting_stage_is_kept_only_when_it_grades_no_worse(tmp_path, after, kept):
-    from mmspec.data_tools.build_minis import _keep_better
+@pytest.mark.parametrize("after, kept", [(0.75, "mini-vlm-qa"), (0.85, "mini-vlm-count"), (0.9, "mini-vlm-count")])
+def test_counting_stage_becomes_the_target_only_when_it_grades_no_worse(tmp_path, after, kept):
+    from mmspec.data_tools.build_minis import _promote
 
-    qa, target = tmp_path / "mini-vlm-qa", tmp_path / "mini-vlm"
-    for d, overall, weights in ((qa, 0.85, b"qa"), (target, after, b"count")):
+    qa, count, target = tmp_path / "mini-vlm-qa", tmp_path / "mini-vlm-count", tmp_path / "mini-vlm"
+    for d, overall, weights in ((qa, 0.85, b"qa"), (count, after, b"count")):
         d.mkdir()
         (d / "model.safetensors").write_bytes(weights)
         (d / "train_metrics.json").write_text(json.dumps({"monitor": [{"overall": 0.1}, {"overall": overall}]}))
-    _keep_better(qa, target)
-    metrics = json.loads((target / "train_metrics.json").read_text())
-    assert (target / "model.safetensors").read_bytes() == (b"qa" if kept else b"count")
-    assert metrics.get("kept", {}).get("weights_of") == kept
+    (count / "tokenizer.json").write_text("{}")
+    _promote(qa, count, target)
+    assert (target / "model.safetensors").read_bytes() == (b"qa" if kept == "mini-vlm-qa" else b"count")
+    assert json.loads((target / "train_metrics.json").read_text())["kept"]["weights_of"] == kept
+    assert (target / "tokenizer.json").exists() and not (tmp_path / "mini-vlm.partial").exists()
