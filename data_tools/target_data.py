@@ -217,22 +217,14 @@ def collate(data: EncodedSet, idx: list[int], grid: int, pad: int, device: torch
         x, y = data.encoded[i]
         ids[row, :len(x)], labels[row, :len(y)], mask[row, :len(x)] = torch.tensor(x), torch.tensor(y), 1
     rows = torch.tensor([k for i in idx for k in data.image_rows[i]], dtype=torch.long)
-    on = _upload(rows, data.pixels.device)
+    on = rows.to(data.pixels.device)
     scene = None
     if all(data.labelled[i] for i in idx) and len(rows):
         cells = data.cells[on]
-        scene = (cells.to(device), cells[:, _upload(patch_cells(grid), cells.device)].to(device))
-    return {"input_ids": _upload(ids, device), "attention_mask": _upload(mask, device),
-            "labels": _upload(labels, device),
+        scene = (cells.to(device), cells[:, patch_cells(grid).to(cells.device)].to(device))
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
             "pixel_values": data.pixels[on].to(device).float() if len(rows) else None, "scene_labels": scene}
 
-
-def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device``. A copy from pageable memory waits for the GPU to drain, so the host could not
-    queue the next step while this one runs: on cuda the batch goes through pinned memory, asynchronously."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 # --------------------------------------------------------------------------------------------------- sharded data

@@ -13,16 +13,13 @@ from mmspec.data_tools import train_target as tt
 from mmspec.data_tools.shapes_world import TASKS, make_dataset
 from mmspec.data_tools.target_data import collate, encode_set, make_dataset_sharded
 from mmspec.data_tools.target_eval import description_correct, residual_updates
-from mmspec.data_tools.tokenizer import conversation_texts, train_tokenizer
+from tiny_models import micro_mini_vlm
 
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
     root = tmp_path_factory.mktemp("deep_build")
-    data = make_dataset(24, root / "data", seed=11, tasks=TASKS)
-    train_tokenizer(conversation_texts(data), root / "tok")
-    init = tt.build_target(root / "tok", root / "init", size="micro", seed=0)
-    return root, data, init
+    return (root, *micro_mini_vlm(root, n=24, seed=11))
 
 
 def test_one_bf16_probe_for_library_and_builders():

@@ -9,17 +9,14 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from mmspec.data_tools import train_target as tt
-from mmspec.data_tools.shapes_world import TASKS, Obj, Scene, make_dataset
-from mmspec.data_tools.tokenizer import conversation_texts, train_tokenizer
+from mmspec.data_tools.shapes_world import Obj, Scene
+from tiny_models import micro_mini_vlm
 
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
     root = tmp_path_factory.mktemp("micro_target")
-    data = make_dataset(30, root / "data", seed=3, tasks=TASKS)
-    train_tokenizer(conversation_texts(data), root / "tok")
-    init = tt.build_target(root / "tok", root / "init", size="micro", seed=0)
-    return root, data, init
+    return (root, *micro_mini_vlm(root, n=30, seed=3))
 
 
 def test_labels_cover_exactly_the_assistant_tokens(micro):

@@ -392,3 +392,15 @@ def build_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+def micro_mini_vlm(root: Path, n: int, seed: int) -> tuple[Path, Path]:
+    """The mini-vlm build path at micro size: `n` shapes-world conversations, their tokenizer and an untrained micro
+    target. Returns (data jsonl, model dir)."""
+    from mmspec.data_tools import train_target as tt
+    from mmspec.data_tools.shapes_world import TASKS, make_dataset
+    from mmspec.data_tools.tokenizer import conversation_texts, train_tokenizer
+
+    data = make_dataset(n, root / "data", seed=seed, tasks=TASKS)
+    train_tokenizer(conversation_texts(data), root / "tok")
+    return data, tt.build_target(root / "tok", root / "init", size="micro", seed=0)
