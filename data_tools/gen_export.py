@@ -12,8 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .gen_world import IMAGE_PX
-from .train_gen import (BOI, IMAGE, NUM_IMAGE_TOKENS, PATCH, SIDECAR, guided_batch, load_prompt_records, chat_prompt,
+from .train_gen import (BOI, IMAGE, SIDECAR, guided_batch, load_prompt_records, chat_prompt,
                         generation_config, load_mini_gen, make_processor)
 
 logger = logging.getLogger(__name__)
@@ -34,8 +33,8 @@ def export_gen(model, tok_dir: Path, out_dir: Path, info: dict) -> None:
     half = copy.deepcopy(model).half().eval()
     half.generation_config = generation_config(tokenizer)
     half.save_pretrained(str(tmp))
-    make_processor(tokenizer).save_pretrained(str(tmp))
-    (tmp / SIDECAR).write_text(json.dumps(sidecar(tokenizer), indent=1) + "\n")
+    make_processor(tokenizer, model.config.vision_config.image_size).save_pretrained(str(tmp))
+    (tmp / SIDECAR).write_text(json.dumps(sidecar(tokenizer, model.config), indent=1) + "\n")
     (tmp / "build_info.json").write_text(json.dumps(info, indent=1, default=str) + "\n")
     for f in tmp.iterdir():
         f.chmod(0o644)  # save_pretrained writes the weights owner-only; the package is read by everyone
@@ -46,10 +45,12 @@ def export_gen(model, tok_dir: Path, out_dir: Path, info: dict) -> None:
     logger.info("exported mini-gen to %s", out_dir)
 
 
-def sidecar(tokenizer) -> dict:
+def sidecar(tokenizer, config) -> dict:
+    vision = config.vision_config
     return {"boi_token_id": tokenizer.convert_tokens_to_ids(BOI),
             "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE),
-            "num_image_tokens": NUM_IMAGE_TOKENS, "image_px": IMAGE_PX, "grid": [IMAGE_PX // PATCH] * 2,
+            "num_image_tokens": vision.num_image_tokens, "image_px": vision.image_size,
+            "grid": [vision.image_size // vision.patch_size] * 2,
             "pixel_range": "decode() returns -1..1 (processor mean = std = 0.5); processor.postprocess maps to 0..255",
             "prompt_format": "<s><|User|>: {prompt}\n\n<|Assistant|>:<begin_of_image>",
             "quantisation": "l2-normalised encoder output and codebook, nearest by cosine",
@@ -59,7 +60,7 @@ def sidecar(tokenizer) -> dict:
 # ------------------------------------------------------------------------------------------------------ verification
 def cfg_top1(model, input_ids: torch.Tensor, codes: torch.Tensor, pad: int, keep: set[int],
              guidance: float = 5.0) -> torch.Tensor:
-    """The target's top-1 probability at each code position [64] of one prompt's codes [1, 64], with CFG at T=1:
+    """The target's top-1 probability at each code position [N] of one prompt's codes [1, N], with CFG at T=1:
     softmax(uncond + guidance * (cond - uncond)), the combination Janus's ClassifierFreeGuidanceLogitsProcessor uses."""
     ids = input_ids[0].tolist()
     two = guided_batch(model, [ids, ids], codes.repeat(2, 1), pad, keep, torch.tensor([False, True]))
@@ -68,22 +69,22 @@ def cfg_top1(model, input_ids: torch.Tensor, codes: torch.Tensor, pad: int, keep
 
 
 def to_pil(model, processor, codes: torch.Tensor) -> list:
-    """codes [B, 64] -> PIL images through the stock decode and processor.postprocess (its "PIL.Image.Image"
+    """codes [B, N] -> PIL images through the stock decode and processor.postprocess (its "PIL.Image.Image"
     return type fails in transformers 5.24, so the uint8 tensors are converted here)."""
     from PIL import Image
 
-    pixels = model.decode_image_tokens(codes).float()  # [B, 32, 32, 3], -1..1
-    images = processor.postprocess(list(pixels), return_tensors="pt")["pixel_values"]  # [B, 3, 32, 32] uint8
+    pixels = model.decode_image_tokens(codes).float()  # [B, px, px, 3], -1..1
+    images = processor.postprocess(list(pixels), return_tensors="pt")["pixel_values"]  # [B, 3, px, px] uint8
     return [Image.fromarray(im.permute(1, 2, 0).contiguous().numpy()) for im in images]
 
 
-def sample_grid(images: list, prompts: list[str], path: Path, scale: int = 4) -> None:
+def sample_grid(images: list, prompts: list[str], path: Path, side: int = 128) -> None:
     """Images in a 4-wide grid, each over its (wrapped) prompt."""
     import textwrap
 
     from PIL import Image, ImageDraw
 
-    side, text_h, cols = 32 * scale, 96, 4
+    text_h, cols = 96, 4
     rows = (len(images) + cols - 1) // cols
     grid = Image.new("RGB", (cols * (side + 8), rows * (side + text_h)), "white")
     draw = ImageDraw.Draw(grid)
@@ -109,8 +110,9 @@ def verify_gen(model_dir: Path, heldout_jsonl: Path, n: int, samples_png: Path |
     for r in records:
         inputs = processor(text=chat_prompt(processor, r["prompt"]), generation_mode="image", return_tensors="pt")
         codes = model.generate(**inputs, generation_mode="image", do_sample=True, guidance_scale=5.0)
-        if codes.shape != (1, NUM_IMAGE_TOKENS):
-            raise RuntimeError(f"generate returned {tuple(codes.shape)}, expected (1, {NUM_IMAGE_TOKENS})")
+        if codes.shape != (1, model.config.vision_config.num_image_tokens):
+            raise RuntimeError(f"generate returned {tuple(codes.shape)}, expected "
+                               f"(1, {model.config.vision_config.num_image_tokens})")
         all_codes.append(codes)
         top1.append(cfg_top1(model, inputs["input_ids"], codes, pad, keep))
     codes = torch.cat(all_codes)

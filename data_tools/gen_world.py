@@ -33,13 +33,13 @@ from .shapes_world import (BACKGROUNDS, COLOURS, MIN_BACKGROUND_DISTANCE, POSITI
 
 logger = logging.getLogger(__name__)
 
-IMAGE_PX = 32
-RENDER_PX = 64  # shapes-world geometry is in 64-px units; the texture noise is added after the 2x box downsample
+IMAGE_PX = 32  # mini-gen's images; the deep mini-gen draws at RENDER_PX (issue #23: 16 x 16 codes)
+RENDER_PX = 64  # shapes-world geometry is in 64-px units; the texture noise is added after any box downsample
 SUPERSAMPLE = 4  # object masks are drawn at 256 px and box-filtered to 64: smooth edges
 MAX_OBJECTS = 3
 GRADIENT = 28.0  # half the background's brightness swing along a random direction, in 0-255 units
 SHADE = 0.15  # objects are shaded by +-15 % brightness across their width: yellow stays yellow, not olive
-BG_NOISE, OBJ_NOISE = 9.0, 11.0  # per-pixel Gaussian noise (0-255 units) at 32 px
+BG_NOISE, OBJ_NOISE = 9.0, 11.0  # per-pixel Gaussian noise (0-255 units) at the image's resolution
 SIZE_WORDS = {"small": ("small",), "large": ("big", "large")}
 TEMPLATES = ("{}", "an image of {}", "a picture with {}", "draw {}", "{} on a textured background")
 
@@ -87,8 +87,8 @@ def _ramp(g: torch.Generator, cx: float, cy: float, scale: float) -> torch.Tenso
     return (((xs - cx) * math.cos(angle) + (ys - cy) * math.sin(angle)) / scale).clamp(-1, 1)
 
 
-def render_textured(scene: Scene) -> Image.Image:
-    """Render ``scene`` as a 32x32 RGB image: gradient + noise background, shaded noisy objects."""
+def render_textured(scene: Scene, px: int = IMAGE_PX) -> Image.Image:
+    """Render ``scene`` as a px x px RGB image (px divides 64): gradient + noise background, shaded noisy objects."""
     g = torch.Generator().manual_seed(scene.noise_seed)
     half = RENDER_PX / 2
     base = torch.tensor(BACKGROUNDS[scene.background], dtype=torch.float32).view(3, 1, 1)
@@ -101,21 +101,27 @@ def render_textured(scene: Scene) -> Image.Image:
         colour = torch.tensor(COLOURS[o.colour], dtype=torch.float32).view(3, 1, 1) * shade
         img = img * (1 - alpha) + colour * alpha
         obj_cover = torch.maximum(obj_cover, alpha)
-    # 2x box downsample first, then noise at 32 px: noise added at 64 px would be averaged away.
-    img = torch.nn.functional.avg_pool2d(img.unsqueeze(0), 2)[0]
-    cover = torch.nn.functional.avg_pool2d(obj_cover.view(1, 1, RENDER_PX, RENDER_PX), 2)[0]
-    sigma = BG_NOISE + (OBJ_NOISE - BG_NOISE) * cover
-    img = img + sigma * torch.randn(3, IMAGE_PX, IMAGE_PX, generator=g)
+    # box downsample first, then noise at the image's resolution: noise added before it would be averaged away.
+    img = _box_down(img, px)
+    sigma = BG_NOISE + (OBJ_NOISE - BG_NOISE) * _box_down(obj_cover[None], px)
+    img = img + sigma * torch.randn(3, px, px, generator=g)
     arr = img.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous()
-    return Image.frombytes("RGB", (IMAGE_PX, IMAGE_PX), arr.numpy().tobytes())
+    return Image.frombytes("RGB", (px, px), arr.numpy().tobytes())
 
 
-def object_mask_32(scene: Scene) -> torch.Tensor:
-    """(32, 32) float in [0, 1]: object coverage at the image's resolution (weights the VQ's reconstruction loss)."""
+def _box_down(x: torch.Tensor, px: int) -> torch.Tensor:
+    """[C, 64, 64] -> [C, px, px] by box filter (px must divide 64)."""
+    if RENDER_PX % px:
+        raise InputError(f"image size must divide {RENDER_PX} px, got {px}")
+    return torch.nn.functional.avg_pool2d(x.unsqueeze(0), RENDER_PX // px)[0]
+
+
+def object_mask(scene: Scene, px: int = IMAGE_PX) -> torch.Tensor:
+    """(px, px) float in [0, 1]: object coverage at the image's resolution (weights the VQ's reconstruction loss)."""
     cover = torch.zeros(RENDER_PX, RENDER_PX)
     for o in scene.objects:
         cover = torch.maximum(cover, _object_alpha(o))
-    return torch.nn.functional.avg_pool2d(cover.view(1, 1, RENDER_PX, RENDER_PX), 2)[0, 0]
+    return _box_down(cover[None], px)[0]
 
 
 def _phrase(o: Obj, g: torch.Generator) -> str:
@@ -135,7 +141,7 @@ def expected_answers(scene: Scene) -> dict:
     return {"count": len(scene.objects), "colours": {o.colour for o in scene.objects}}
 
 
-def make_gen_dataset(n: int, out_dir: str | Path, seed: int, split: str = "train") -> Path:
+def make_gen_dataset(n: int, out_dir: str | Path, seed: int, split: str = "train", px: int = IMAGE_PX) -> Path:
     """Write n examples to out_dir/<split>.jsonl (``{"prompt", "scene", "image"}``, image paths relative to
     out_dir) with their PNGs under out_dir/images/, plus out_dir/<split>_prompts.jsonl holding ``{"prompt"}`` lines
     (the form ``mmspec train-drafter`` reads for an image target). Returns the first path; same seed, same bytes."""
@@ -149,19 +155,19 @@ def make_gen_dataset(n: int, out_dir: str | Path, seed: int, split: str = "train
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _write_split(n, out_dir, split, g, path)
+        _write_split(n, out_dir, split, g, path, px)
     finally:
         torch.set_num_threads(threads)
     logger.info("wrote %d gen-world examples to %s", n, path)
     return path
 
 
-def _write_split(n: int, out_dir: Path, split: str, g: torch.Generator, path: Path) -> None:
+def _write_split(n: int, out_dir: Path, split: str, g: torch.Generator, path: Path, px: int) -> None:
     with open(path, "w", encoding="utf-8") as f, open(out_dir / f"{split}_prompts.jsonl", "w", encoding="utf-8") as fp:
         for i in tqdm(range(n), desc=f"gen world {split}", unit="ex", disable=None):
             scene = sample_gen_scene(g)
             prompt, name = prompt_of(scene, g), f"images/{split}_{i:06d}.png"
-            render_textured(scene).save(out_dir / name, format="PNG")
+            render_textured(scene, px).save(out_dir / name, format="PNG")
             f.write(json.dumps({"prompt": prompt, "scene": scene.to_dict(), "image": name}) + "\n")
             fp.write(json.dumps({"prompt": prompt}) + "\n")
 

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from mmspec.hardware import cpu_native_bf16
 
-from .gen_world import IMAGE_PX, object_mask_32
+from .gen_world import object_mask
 from .shapes_world import Scene
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ OBJECT_WEIGHT = 4.0  # extra reconstruction weight on object pixels
 
 
 def load_images(jsonl: Path, cache: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images [N, 3, 32, 32] uint8, object masks [N, 32, 32] float16) of a gen-world JSONL; cached in ``cache``."""
+    """(images [N, 3, px, px] uint8, object masks [N, px, px] float16) of a gen-world JSONL; cached in ``cache``."""
     if cache is not None and cache.exists():
         blob = torch.load(cache)
         return blob["images"], blob["masks"]
@@ -54,8 +54,8 @@ def load_images(jsonl: Path, cache: Path | None = None) -> tuple[torch.Tensor, t
     torch.set_num_threads(1)  # thousands of tiny tensor ops: one thread is much faster on a busy 2-core CPU
     for r in tqdm(records, desc="loading images", unit="img", disable=None):
         im = Image.open(jsonl.parent / r["image"]).convert("RGB")
-        images.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(IMAGE_PX, IMAGE_PX, 3))
-        masks.append(object_mask_32(Scene.from_dict(r["scene"])).half())
+        images.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.height, im.width, 3))
+        masks.append(object_mask(Scene.from_dict(r["scene"]), im.width).half())
     torch.set_num_threads(threads)
     images_t, masks_t = torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.stack(masks)
     if cache is not None:
@@ -143,7 +143,7 @@ def save_recon_grid(vqmodel, images: torch.Tensor, path: Path, n: int = 16, scal
     with torch.no_grad():
         x = to_pixels(images[:n])
         rec = ((vqmodel.decode(encode_codes(vqmodel, x)).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    side = IMAGE_PX * scale
+    side = images.shape[-1] * scale
     grid = Image.new("RGB", (side * len(x), side * 2))
     for row, batch in enumerate((images[:n], rec)):
         for i, im in enumerate(batch):
@@ -154,11 +154,13 @@ def save_recon_grid(vqmodel, images: torch.Tensor, path: Path, n: int = 16, scal
 
 def train_vq(vqmodel, images: torch.Tensor, masks: torch.Tensor, held_out: torch.Tensor, out_dir: Path, *,
              steps: int, batch_size: int = 32, lr: float = 1e-3, restart_every: int = 100, seed: int = 0,
-             log_every: int = 50, minutes: float = VQ_MINUTES, resume: bool = False, bf16: bool | None = None) -> dict:
-    """Train ``vqmodel`` in place on uint8 images [N, 3, 32, 32] with object masks [N, 32, 32]; save
+             log_every: int = 50, minutes: float = VQ_MINUTES, resume: bool = False, bf16: bool | None = None,
+             freeze_codebook: bool = False) -> dict:
+    """Train ``vqmodel`` in place on uint8 images [N, 3, px, px] with object masks [N, px, px]; save
     out_dir/vq.pt (state dict), out_dir/recon.png and out_dir/vq_metrics.json. Returns the metrics.
     ``bf16``: bfloat16 autocast (fp32 weights); None turns it on where the CPU multiplies bf16 natively (a step
-    costs ~0.55x of fp32 there, docs/mini-gen.md)."""
+    costs ~0.55x of fp32 there, docs/mini-gen.md). ``freeze_codebook``: train encoder and decoder only, no
+    restarts (a fine-tune that keeps every code's meaning, so a generator over these codes still reads them)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -167,7 +169,9 @@ def train_vq(vqmodel, images: torch.Tensor, masks: torch.Tensor, held_out: torch
             w = vqmodel.quantize.embedding.weight
             w.copy_(F.normalize(torch.randn(w.shape, generator=g), dim=-1))
     vqmodel.train()
-    opt = torch.optim.AdamW(vqmodel.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    vqmodel.quantize.embedding.weight.requires_grad_(not freeze_codebook)
+    opt = torch.optim.AdamW([p for p in vqmodel.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95),
+                            weight_decay=0.0)
     usage = torch.zeros(vqmodel.config.num_embeddings)
     recent: list[torch.Tensor] = []
     t0, losses, restarts, threads = time.perf_counter(), [], 0, pick_threads(0)
@@ -191,11 +195,11 @@ def train_vq(vqmodel, images: torch.Tensor, masks: torch.Tensor, held_out: torch
         loss = rec_loss + vq_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vqmodel.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g_ in opt.param_groups for p in g_["params"]], 1.0)
         opt.step()
         usage += torch.bincount(codes.flatten(), minlength=len(usage)).float()
         recent = (recent + [z.detach().flatten(0, 2)])[-8:]
-        if (step + 1) % restart_every == 0 and progress < 0.85:
+        if (step + 1) % restart_every == 0 and progress < 0.85 and not freeze_codebook:
             restarts += _restart_dead(vqmodel, usage, torch.cat(recent), g)
             usage.zero_()
         losses.append((rec_loss.item(), vq_loss.item()))

@@ -127,7 +127,8 @@ def _quality(settings: dict[str, Setting], records: list[dict]) -> dict[str, dic
 
     scenes = [Scene.from_dict(r["scene"]) for r in records]
     prompts = [r["prompt"] for r in records]
-    refs = [render_textured(s) for s in scenes]
+    side = next(iter(settings.values())).images[0].width  # references at the target's own image size
+    refs = [render_textured(s, side) for s in scenes]
     clip, judge = quality.load_clip(), quality.load_judge()
     out = {}
     for name, s in settings.items():
