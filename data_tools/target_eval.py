@@ -134,10 +134,10 @@ def _answer(model, processor, chunk: list[dict], max_new_tokens: int) -> list[st
 
 
 @torch.no_grad()
-def residual_updates(model, processor, records: list[dict], batch_size: int = 16) -> list[float]:
-    """Per decoder block, the mean over held-out tokens (prompt and reference answer, padding excluded) of
-    ||block(h) - h|| / ||h||: how much of the residual stream the block rewrites."""
-    layers = model.model.language_model.layers
+def block_updates(layers, forwards) -> list[float]:
+    """Per decoder block, the mean over counted tokens of ||block(h) - h|| / ||h||: how much of the residual stream
+    the block rewrites. ``forwards`` yields zero-argument callables; each runs one forward through the model that
+    owns ``layers`` and returns the bool mask [B, T] of the positions to count (padding excluded)."""
     sums, count = torch.zeros(len(layers), dtype=torch.float64), 0
     seen: dict[int, torch.Tensor] = {}
 
@@ -149,19 +149,30 @@ def residual_updates(model, processor, records: list[dict], batch_size: int = 16
         return fn
 
     handles = [layer.register_forward_hook(hook(k), with_kwargs=True) for k, layer in enumerate(layers)]
-    processor.tokenizer.padding_side = "right"
     try:
-        for s in range(0, len(records), batch_size):
-            chunk = records[s:s + batch_size]
-            texts = [processor.apply_chat_template(chat_messages(r), tokenize=False) for r in chunk]
-            images = [im for r in chunk for im in load_scene_images(r["images"])]
-            inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt").to(model.device)
-            model(**inputs)
-            mask = inputs["attention_mask"].bool()
+        for forward in forwards:
+            mask = forward().bool()
             for k in range(len(layers)):
-                sums[k] += seen[k][mask].double().sum().cpu()
+                sums[k] += seen[k][mask.to(seen[k].device)].double().sum().cpu()
             count += int(mask.sum())
     finally:
         for h in handles:
             h.remove()
     return [round(float(x) / max(1, count), 4) for x in sums]
+
+
+def residual_updates(model, processor, records: list[dict], batch_size: int = 16) -> list[float]:
+    """``block_updates`` of a mini-vlm on held-out conversations (prompt and reference answer)."""
+    processor.tokenizer.padding_side = "right"
+
+    def forward(chunk):
+        def run():
+            texts = [processor.apply_chat_template(chat_messages(r), tokenize=False) for r in chunk]
+            images = [im for r in chunk for im in load_scene_images(r["images"])]
+            inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt").to(model.device)
+            model(**inputs)
+            return inputs["attention_mask"]
+        return run
+
+    chunks = (records[s:s + batch_size] for s in range(0, len(records), batch_size))
+    return block_updates(model.model.language_model.layers, map(forward, chunks))

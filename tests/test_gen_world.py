@@ -10,11 +10,12 @@ import torch
 import mmspec
 
 from mmspec.data_tools.build_minis import GEN_PLANS, build_gen
-from mmspec.data_tools.gen_world import (IMAGE_PX, expected_answers, make_gen_dataset, object_mask_32, prompt_of,
+from mmspec.data_tools.gen_world import (IMAGE_PX, expected_answers, make_gen_dataset, object_mask, prompt_of,
                                          render_textured, sample_gen_scene)
 from mmspec.data_tools.shapes_world import COLOURS, POSITION_PHRASES, Scene
 from mmspec.data_tools.train_gen import (BOI, NUM_IMAGE_TOKENS, build_gen_model, chat_prompt, code_neighbours,
-                                         load_mini_gen, make_processor, prompt_ids, swap_codes, train_gen_tokenizer)
+                                         guided_batch, load_mini_gen, make_processor, prompt_ids, swap_codes,
+                                         train_gen_tokenizer, upscale)
 from mmspec.data_tools.train_vq import encode_codes, judge_reconstructions
 
 
@@ -24,20 +25,21 @@ def _scenes(n, seed=0):
 
 
 def _pixels(im):
-    return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(IMAGE_PX, IMAGE_PX, 3).float()
+    return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.height, im.width, 3).float()
 
 
-def test_render_is_pure_textured_and_keeps_colours():
+@pytest.mark.parametrize("side", [IMAGE_PX, 64])
+def test_render_is_pure_textured_and_keeps_colours(side):
     for scene in _scenes(12):
-        im = render_textured(scene)
-        assert im.size == (IMAGE_PX, IMAGE_PX) and im.mode == "RGB"
-        assert im.tobytes() == render_textured(Scene.from_dict(scene.to_dict())).tobytes()
-        px, mask = _pixels(im), object_mask_32(scene)
+        im = render_textured(scene, side)
+        assert im.size == (side, side) and im.mode == "RGB"
+        assert im.tobytes() == render_textured(Scene.from_dict(scene.to_dict()), side).tobytes()
+        px, mask = _pixels(im), object_mask(scene, side)
         # textured: the background is far from flat
         assert px[mask < 0.01].std(0).mean() > 5
         # but each object's mean colour is still nearest to its own named colour
         for o in scene.objects:
-            alone = object_mask_32(Scene((o,), scene.background))
+            alone = object_mask(Scene((o,), scene.background), side)
             mean = px[alone > 0.95].mean(0).tolist()
             nearest = min(COLOURS, key=lambda c: math.dist(COLOURS[c], mean))
             assert nearest == o.colour, (o, mean)
@@ -147,3 +149,48 @@ def test_micro_gen_build(tmp_path):
     # A second run finds every stage built: nothing trains again.
     again = build_gen(work, out, GEN_PLANS["micro"], assets)
     assert again["stages_s"] == {}
+
+
+def test_render_rejects_a_size_that_does_not_divide_the_geometry():
+    with pytest.raises(mmspec.errors.InputError, match="divide 64"):
+        render_textured(_scenes(1)[0], 48)
+
+
+def test_upscale_starts_as_the_source_and_every_block_trains():
+    """Depth up-scaling: the deeper model computes exactly the source's logits at init (added blocks are the
+    identity), yet every added block gets a gradient on its output projections (it can start doing work)."""
+    tok = train_gen_tokenizer(["a big red circle at the top left", "draw a small blue square"] * 8)
+    src, deep = build_gen_model(tok, "micro", seed=1), build_gen_model(tok, "micro-deep", seed=2)
+    assert upscale(deep, src) == [0, None, None]
+    ids = [prompt_ids(tok, "draw a small blue square")]
+    codes = torch.randint(64, (1, 64), generator=torch.Generator().manual_seed(0))
+    pad, keep = tok.pad_token_id, {tok.bos_token_id, tok.convert_tokens_to_ids(BOI)}
+    drop = torch.tensor([False])
+    with torch.no_grad():
+        assert torch.equal(guided_batch(src, ids, codes, pad, keep, drop), guided_batch(deep, ids, codes, pad, keep, drop))
+    guided_batch(deep, ids, codes, pad, keep, drop).logsumexp(-1).sum().backward()
+    for block in deep.model.language_model.layers[1:]:
+        assert block.self_attn.o_proj.weight.grad.abs().sum() > 0 and block.mlp.down_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="multiple"):
+        upscale(build_gen_model(tok, "micro"), deep)
+
+
+def test_micro_deep_gen_build(tmp_path):
+    """The deep path end to end: a base build, then 64-px data, the base's VQ fine-tuned with its codebook frozen,
+    the generator up-scaled from the base and trained; 16 x 16 codes; per-block residual updates recorded."""
+    base, work = tmp_path / "base", tmp_path / "work"
+    build_gen(base, base, GEN_PLANS["micro"], stop_after="generator")
+    with pytest.raises(FileNotFoundError, match="not a mini-gen"):
+        build_gen(work, tmp_path / "out", GEN_PLANS["micro-deep"], init_from=tmp_path)
+    info = build_gen(work, tmp_path / "out", GEN_PLANS["micro-deep"], init_from=base / "mini-gen")
+    assert info["verify"]["codes_shape"] == [1, 256] and info["verify"]["image_size"] == [64, 64]
+    assert info["generator"]["init_from"] == str(base / "mini-gen")
+    assert len(info["generator"]["residual_updates"]) == 3
+    vq = json.loads((work / "vq" / "vq_metrics.json").read_text())
+    assert vq["from"] == str(base / "mini-gen") and "psnr" in vq["before_finetune"]
+    src, _ = load_mini_gen(base / "mini-gen")
+    deep, processor = load_mini_gen(tmp_path / "out" / "mini-gen")
+    assert torch.equal(deep.model.vqmodel.quantize.embedding.weight, src.model.vqmodel.quantize.embedding.weight)
+    assert processor.image_processor.size["height"] == 64
+    sidecar = json.loads((tmp_path / "out" / "mini-gen" / "mmspec_gen.json").read_text())
+    assert sidecar["grid"] == [16, 16] and sidecar["num_image_tokens"] == 256
