@@ -523,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=["vlm", "gen"], default="vlm",
                    help="vlm: the mini-vlm family (default); gen: mini-gen, the image generator")
     p.add_argument("--gen-minutes", type=float, help="mini-gen: the generator's wall-clock training budget")
+    p.add_argument("--gen-batch", type=int, help="mini-gen: the generator's batch (a GPU wants more than the plan's)")
+    p.add_argument("--vq-minutes", type=float, help="mini-gen: the VQ's wall-clock training budget")
     p.add_argument("--stop-after", choices=["vq", "generator", "target"],
                    help="stop after this stage (vq / generator: mini-gen's; target: mini-vlm trained and graded)")
     p.add_argument("--init-from", type=Path, help="--only gen --size deep: the trained mini-gen to up-scale "
@@ -534,9 +536,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.only == "gen":
             plan = GEN_PLANS[args.size]
-            if args.gen_minutes is not None:
-                plan = dataclasses.replace(plan, gen_minutes=args.gen_minutes)
-            samples = PACKAGE.parent / "docs" / "mini-gen-samples.png" if args.size != "micro" else None
+            overrides = {"gen_minutes": args.gen_minutes, "gen_batch": args.gen_batch, "vq_minutes": args.vq_minutes}
+            plan = dataclasses.replace(plan, **{k: v for k, v in overrides.items() if v is not None})
+            # the docs' sample grid belongs to the shipped build; any other --out keeps its grid beside the model
+            shipped = args.out.resolve() == (PACKAGE / "models").resolve()
+            samples = PACKAGE.parent / "docs" / "mini-gen-samples.png" if shipped else args.out / "mini-gen-samples.png"
+            samples = None if args.size.startswith("micro") else samples
             build_gen(args.work, args.out, plan, args.assets, samples, args.stop_after, args.init_from)
         else:
             plan = PLANS[args.size]

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from mmspec.hardware import training_device
+
 from .train_gen import (BOI, IMAGE, SIDECAR, guided_batch, load_prompt_records, chat_prompt,
                         generation_config, load_mini_gen, make_processor)
 
@@ -73,7 +75,7 @@ def to_pil(model, processor, codes: torch.Tensor) -> list:
     return type fails in transformers 5.24, so the uint8 tensors are converted here)."""
     from PIL import Image
 
-    pixels = model.decode_image_tokens(codes).float()  # [B, px, px, 3], -1..1
+    pixels = model.decode_image_tokens(codes.to(model.device)).float().cpu()  # [B, px, px, 3], -1..1
     images = processor.postprocess(list(pixels), return_tensors="pt")["pixel_values"]  # [B, 3, px, px] uint8
     return [Image.fromarray(im.permute(1, 2, 0).contiguous().numpy()) for im in images]
 
@@ -98,17 +100,19 @@ def sample_grid(images: list, prompts: list[str], path: Path, side: int = 128) -
 @torch.no_grad()
 def verify_gen(model_dir: Path, heldout_jsonl: Path, n: int, samples_png: Path | None, seed: int = 0,
                judge_n: int = 0) -> dict:
-    """Reload the export, generate max(n, judge_n) held-out prompts with Janus's own generate (CFG 5, T=1), measure
+    """Reload the export (on the training device), generate max(n, judge_n) held-out prompts with Janus's own generate (CFG 5, T=1), measure
     the target's mean top-1 probability on those codes, save a grid of the first n, and have the mini-vlm judge
     the first judge_n (faithfulness, mmspec.quality)."""
     model, processor = load_mini_gen(model_dir)
+    model.to(training_device())
     tokenizer = processor.tokenizer
     pad, keep = tokenizer.pad_token_id, {tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids(BOI)}
     records = load_prompt_records(heldout_jsonl, max(n, judge_n))
     torch.manual_seed(seed)  # generate samples with torch's global generator
     all_codes, top1 = [], []
     for r in records:
-        inputs = processor(text=chat_prompt(processor, r["prompt"]), generation_mode="image", return_tensors="pt")
+        inputs = processor(text=chat_prompt(processor, r["prompt"]), generation_mode="image",
+                           return_tensors="pt").to(model.device)
         codes = model.generate(**inputs, generation_mode="image", do_sample=True, guidance_scale=5.0)
         if codes.shape != (1, model.config.vision_config.num_image_tokens):
             raise RuntimeError(f"generate returned {tuple(codes.shape)}, expected "

@@ -27,6 +27,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import (GenerationConfig, JanusConfig, JanusForConditionalGeneration, JanusImageProcessor,
                           JanusProcessor, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig, PreTrainedTokenizerFast)
 
+from mmspec.hardware import describe_device, native_bf16, training_device
+
 from .gen_world import IMAGE_PX
 from .tokenizer import BOS, EOS, PAD
 
@@ -163,7 +165,7 @@ def run_vq_stage(plan, data: Path, tok_dir: Path, out_dir: Path) -> dict:
     from .train_vq import load_images, train_vq
 
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    vqmodel = build_gen_model(tokenizer, plan.size, plan.seed).model.vqmodel
+    vqmodel = build_gen_model(tokenizer, plan.size, plan.seed).model.vqmodel.to(training_device())
     images, masks = load_images(data / "train.jsonl", data / "train_images.pt")
     held_out, _ = load_images(data / "heldout.jsonl", data / "heldout_images.pt")
     return train_vq(vqmodel, images, masks, held_out, out_dir, steps=plan.vq_steps, batch_size=plan.vq_batch,
@@ -183,6 +185,7 @@ def finetune_vq_stage(plan, data: Path, tok_dir: Path, out_dir: Path, base: Path
     vqmodel = build_gen_model(AutoTokenizer.from_pretrained(str(tok_dir)), plan.size, plan.seed).model.vqmodel
     source, _ = load_mini_gen(base)
     vqmodel.load_state_dict({k: v.float() for k, v in source.model.vqmodel.state_dict().items()})
+    vqmodel.to(training_device())
     images, masks = load_images(data / "train.jsonl", data / "train_images.pt")
     held_out, _ = load_images(data / "heldout.jsonl", data / "heldout_images.pt")
     before = evaluate_vq(vqmodel.eval(), held_out)
@@ -205,7 +208,7 @@ def judge_vq_stage(plan, data: Path, tok_dir: Path, vq_dir: Path) -> dict:
     if "judge" in metrics or plan.vq_judge_images <= 0:
         return metrics
     vqmodel = build_gen_model(AutoTokenizer.from_pretrained(str(tok_dir)), plan.size, plan.seed).model.vqmodel
-    vqmodel.load_state_dict(torch.load(vq_dir / "vq.pt"))
+    vqmodel.load_state_dict(torch.load(vq_dir / "vq.pt", map_location="cpu"))
     held_out, _ = load_images(data / "heldout.jsonl", data / "heldout_images.pt")
     scenes = [r["scene"] for r in load_prompt_records(data / "heldout.jsonl", plan.vq_judge_images)]
     metrics["judge"] = judge_reconstructions(vqmodel.eval(), held_out, scenes, plan.vq_judge_images)
@@ -245,9 +248,10 @@ def guided_batch(model, ids: list[list[int]], codes: torch.Tensor, pad: int, kee
     for k in keep:
         is_kept |= tok == k
     tok = torch.where(drop[:, None] & ~is_kept & (mask == 1), torch.full_like(tok, pad), tok)
+    tok, mask, codes = tok.to(model.device), mask.to(model.device), codes.to(model.device)
     embeds = torch.cat([model.get_input_embeddings()(tok),
                         model.prepare_embeddings_for_image_generation(codes[:, :-1])], dim=1)
-    full_mask = torch.cat([mask, torch.ones(len(ids), codes.shape[1] - 1, dtype=torch.long)], dim=1)
+    full_mask = torch.cat([mask, mask.new_ones(len(ids), codes.shape[1] - 1)], dim=1)
     positions = (full_mask.cumsum(-1) - 1).clamp_min(0)  # left padding: the first real token sits at position 0
     hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=full_mask,
                                         position_ids=positions).last_hidden_state
@@ -261,27 +265,29 @@ def _heldout_loss(model, ids, codes, pad, keep, batch: int = 64) -> float:
     for i in range(0, len(ids), batch):
         logits = guided_batch(model, ids[i:i + batch], codes[i:i + batch], pad, keep,
                         torch.zeros(len(ids[i:i + batch]), dtype=torch.bool))
-        total += F.cross_entropy(logits.flatten(0, 1), codes[i:i + batch].flatten(), reduction="sum").item()
+        total += F.cross_entropy(logits.float().flatten(0, 1), codes[i:i + batch].flatten().to(logits.device),
+                                 reduction="sum").item()
     model.train()
     return total / codes.numel()
 
 
-def _prepare_generator(plan, data: Path, tok_dir: Path, vq_dir: Path, out_dir: Path):
+def _prepare_generator(plan, data: Path, tok_dir: Path, vq_dir: Path, out_dir: Path, device: torch.device):
     """The model (trained VQ loaded, generation embeddings = its normalised codebook, or up-scaled from
-    ``plan.init_from``) and the encoded data."""
+    ``plan.init_from``) on ``device``, and the encoded data (on the CPU)."""
     from transformers import AutoTokenizer
 
     from .train_vq import load_images
 
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     model = build_gen_model(tokenizer, plan.size, plan.seed)
-    model.model.vqmodel.load_state_dict(torch.load(vq_dir / "vq.pt"))
+    model.model.vqmodel.load_state_dict(torch.load(vq_dir / "vq.pt", map_location="cpu"))
     model.model.vqmodel.eval()
     with torch.no_grad():
         codebook = model.model.vqmodel.quantize.embedding.weight
         model.model.generation_embeddings.weight.copy_(F.normalize(codebook, dim=-1))
     if plan.init_from:
         upscale(model, load_mini_gen(plan.init_from)[0].float())
+    model.to(device)
     cache = out_dir / "codes.pt"
     train = load_prompt_records(data / "train.jsonl", plan.gen_n_train)
     held = load_prompt_records(data / "heldout.jsonl")
@@ -340,7 +346,7 @@ def _resume(ckpt: Path, model, opt, g: torch.Generator) -> dict:
     """The loop's state, restored with model, optimizer and generator from ``ckpt`` when it exists."""
     if not ckpt.exists():
         return {"step": 0, "elapsed": 0.0, "exported_early": False, "log": []}
-    blob = torch.load(ckpt, weights_only=False)
+    blob = torch.load(ckpt, weights_only=False, map_location="cpu")
     model.load_state_dict(blob["model"])
     opt.load_state_dict(blob["opt"])
     g.set_state(blob["rng"])
@@ -355,15 +361,16 @@ def _save_ckpt(ckpt: Path, model, opt, g: torch.Generator, state: dict) -> None:
 
 
 def _gen_step(plan, model, opt, params, batch: dict, g: torch.Generator, lr: float, bf16: bool) -> float:
+    # the draws stay on the CPU generator ``g``, so a run draws the same batches on any device
     """One optimizer step on a random batch of (prompt ids, re-quantised codes); returns the loss."""
     for group in opt.param_groups:
         group["lr"] = lr
     idx = torch.randint(len(batch["ids"]), (plan.gen_batch,), generator=g)
     drop = torch.rand(plan.gen_batch, generator=g) < COND_DROPOUT
     target = swap_codes(batch["codes"][idx], batch["neighbours"], plan.code_swap_p, g)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = guided_batch(model, [batch["ids"][i] for i in idx], target, batch["pad"], batch["keep"], drop)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
+    loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten().to(logits.device))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -382,13 +389,12 @@ def train_generator(plan, data: Path, tok_dir: Path, vq_dir: Path, out_dir: Path
     out_dir/final.pt holds the final state dict and out_dir/done.json the training record."""
     import time
 
-    from mmspec.hardware import cpu_native_bf16
-
     from .train_vq import pick_threads
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    threads, bf16 = pick_threads(0), cpu_native_bf16()  # bf16 autocast (fp32 weights) where the CPU has it natively
-    tokenizer, model, ids, codes = _prepare_generator(plan, data, tok_dir, vq_dir, out_dir)
+    device = training_device()
+    threads, bf16 = pick_threads(0), native_bf16(device)  # bf16 autocast (fp32 weights) where it is native
+    tokenizer, model, ids, codes = _prepare_generator(plan, data, tok_dir, vq_dir, out_dir, device)
     pad, keep = tokenizer.pad_token_id, {tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids(BOI)}
     params = _trainable(model)
     batch = {"ids": ids["train"], "codes": codes["train"], "pad": pad, "keep": keep,
@@ -425,9 +431,9 @@ def train_generator(plan, data: Path, tok_dir: Path, vq_dir: Path, out_dir: Path
     state["elapsed"] = time.perf_counter() - t_start
     _save_ckpt(ckpt, model, opt, g, state)
     record = {**_record(state, losses), "heldout_loss": round(_heldout_loss(model, *held, pad, keep), 4),
-              "bf16_autocast": bf16, "final": True, "init_from": plan.init_from,
+              "bf16_autocast": bf16, "device": describe_device(device), "final": True, "init_from": plan.init_from,
               "residual_updates": gen_block_updates(model, *held, pad, keep)}
-    torch.save(model.state_dict(), out_dir / "final.pt")
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out_dir / "final.pt")
     (out_dir / "done.json").write_text(json.dumps(record, indent=1) + "\n")
     logger.info("generator done: %s", {k: v for k, v in record.items() if k != "log"})
     if export_fn is not None:

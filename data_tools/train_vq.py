@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from mmspec.hardware import cpu_native_bf16
+from mmspec.hardware import native_bf16
 
 from .gen_world import object_mask
 from .shapes_world import Scene
@@ -74,9 +74,13 @@ def pick_threads(current: int) -> int:
     return threads
 
 
-def to_pixels(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> float in -1..1, as JanusImageProcessor with mean = std = 0.5 normalises."""
-    return images.float() / 127.5 - 1.0
+def to_pixels(images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float in -1..1 on ``device``, as JanusImageProcessor with mean = std = 0.5 normalises."""
+    return images.to(device).float() / 127.5 - 1.0
+
+
+def _device(module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def _latents(vqmodel, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -88,15 +92,16 @@ def _latents(vqmodel, pixel_values: torch.Tensor) -> torch.Tensor:
 def _nearest(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Index of the nearest l2-normalised code by cosine; z [..., D] normalised, codebook [V, D] raw. Always in fp32:
     under bf16 autocast near-tied codes would be picked by rounding, unlike ``encode_codes`` later."""
-    with torch.autocast("cpu", enabled=False):
+    with torch.autocast(z.device.type, enabled=False):
         return (z.float() @ F.normalize(codebook.float(), dim=-1).t()).argmax(-1)
 
 
 @torch.no_grad()
 def encode_codes(vqmodel, pixel_values: torch.Tensor) -> torch.Tensor:
-    """pixel_values [B, 3, H, W] in -1..1 -> codes [B, h*w] long, raster order; ``vqmodel.decode`` inverts it."""
-    z = _latents(vqmodel, pixel_values)
-    return _nearest(z, vqmodel.quantize.embedding.weight).flatten(1)
+    """pixel_values [B, 3, H, W] in -1..1 -> codes [B, h*w] long on the CPU, raster order; ``vqmodel.decode``
+    inverts it. Runs where the VQ lives."""
+    z = _latents(vqmodel, pixel_values.to(_device(vqmodel)))
+    return _nearest(z, vqmodel.quantize.embedding.weight).flatten(1).cpu()
 
 
 def _forward(vqmodel, x: torch.Tensor):
@@ -116,8 +121,8 @@ def _restart_dead(vqmodel, usage: torch.Tensor, recent: torch.Tensor, g: torch.G
     dead = (usage == 0).nonzero().flatten()
     if len(dead) == 0 or len(recent) == 0:
         return 0
-    pick = torch.randint(len(recent), (len(dead),), generator=g)
-    noise = 0.01 * torch.randn(len(dead), recent.shape[1], generator=g)
+    pick = torch.randint(len(recent), (len(dead),), generator=g).to(recent.device)
+    noise = 0.01 * torch.randn(len(dead), recent.shape[1], generator=g).to(recent.device)
     vqmodel.quantize.embedding.weight[dead] = F.normalize(recent[pick] + noise, dim=-1)
     return len(dead)
 
@@ -127,9 +132,9 @@ def evaluate_vq(vqmodel, images: torch.Tensor, batch: int = 256) -> dict:
     """PSNR (0-255 scale) of encode -> stock decode on uint8 images [N, 3, H, W], and codebook usage."""
     mse, used = [], torch.zeros(vqmodel.config.num_embeddings)
     for i in range(0, len(images), batch):
-        x = to_pixels(images[i:i + batch])
+        x = to_pixels(images[i:i + batch], _device(vqmodel))
         codes = encode_codes(vqmodel, x)
-        rec = vqmodel.decode(codes).clamp(-1, 1)
+        rec = vqmodel.decode(codes.to(x.device)).clamp(-1, 1)
         mse.append(((rec - x) * 127.5).pow(2).mean((1, 2, 3)))
         used += torch.bincount(codes.flatten(), minlength=len(used)).float()
     p = used / used.sum()
@@ -141,8 +146,9 @@ def evaluate_vq(vqmodel, images: torch.Tensor, batch: int = 256) -> dict:
 def save_recon_grid(vqmodel, images: torch.Tensor, path: Path, n: int = 16, scale: int = 3) -> None:
     """Originals (top row) over their reconstructions (bottom row): do objects keep their colours?"""
     with torch.no_grad():
-        x = to_pixels(images[:n])
-        rec = ((vqmodel.decode(encode_codes(vqmodel, x)).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        x = to_pixels(images[:n], _device(vqmodel))
+        rec = ((vqmodel.decode(encode_codes(vqmodel, x).to(x.device)).clamp(-1, 1) + 1) * 127.5).round()
+        rec = rec.to(torch.uint8).cpu()
     side = images.shape[-1] * scale
     grid = Image.new("RGB", (side * len(x), side * 2))
     for row, batch in enumerate((images[:n], rec)):
@@ -158,8 +164,9 @@ def train_vq(vqmodel, images: torch.Tensor, masks: torch.Tensor, held_out: torch
              freeze_codebook: bool = False) -> dict:
     """Train ``vqmodel`` in place on uint8 images [N, 3, px, px] with object masks [N, px, px]; save
     out_dir/vq.pt (state dict), out_dir/recon.png and out_dir/vq_metrics.json. Returns the metrics.
-    ``bf16``: bfloat16 autocast (fp32 weights); None turns it on where the CPU multiplies bf16 natively (a step
-    costs ~0.55x of fp32 there, docs/mini-gen.md). ``freeze_codebook``: train encoder and decoder only, no
+    Trains where ``vqmodel`` lives (the data stays on the CPU; each batch moves). ``bf16``: bfloat16 autocast (fp32
+    weights); None turns it on where the device multiplies bf16 natively (a CPU step costs ~0.55x of fp32 there,
+    docs/mini-gen.md). ``freeze_codebook``: train encoder and decoder only, no
     restarts (a fine-tune that keeps every code's meaning, so a generator over these codes still reads them)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
@@ -175,7 +182,8 @@ def train_vq(vqmodel, images: torch.Tensor, masks: torch.Tensor, held_out: torch
     usage = torch.zeros(vqmodel.config.num_embeddings)
     recent: list[torch.Tensor] = []
     t0, losses, restarts, threads = time.perf_counter(), [], 0, pick_threads(0)
-    bf16 = cpu_native_bf16() if bf16 is None else bf16
+    device = _device(vqmodel)
+    bf16 = native_bf16(device) if bf16 is None else bf16
     for step in tqdm(range(steps), desc="vq", unit="step", disable=None):
         progress = max(step / steps, (time.perf_counter() - t0) / (minutes * 60))
         if progress >= 1:
@@ -186,8 +194,8 @@ def train_vq(vqmodel, images: torch.Tensor, masks: torch.Tensor, held_out: torch
         if step % 100 == 99:
             threads = pick_threads(threads)
         idx = torch.randint(len(images), (batch_size,), generator=g)
-        x, m = to_pixels(images[idx]), masks[idx].float().unsqueeze(1)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        x, m = to_pixels(images[idx], device), masks[idx].to(device).float().unsqueeze(1)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             recon, vq_loss, z, codes = _forward(vqmodel, x)
         recon = recon.float()  # the decoder ran in bf16; z and the codebook terms are fp32 already (_forward)
         weight = 1.0 + OBJECT_WEIGHT * m
@@ -197,7 +205,7 @@ def train_vq(vqmodel, images: torch.Tensor, masks: torch.Tensor, held_out: torch
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g_ in opt.param_groups for p in g_["params"]], 1.0)
         opt.step()
-        usage += torch.bincount(codes.flatten(), minlength=len(usage)).float()
+        usage += torch.bincount(codes.flatten(), minlength=len(usage)).float().cpu()
         recent = (recent + [z.detach().flatten(0, 2)])[-8:]
         if (step + 1) % restart_every == 0 and progress < 0.85 and not freeze_codebook:
             restarts += _restart_dead(vqmodel, usage, torch.cat(recent), g)
@@ -228,8 +236,9 @@ def judge_reconstructions(vqmodel, images: torch.Tensor, scenes: list[dict], n: 
 
     expected = [expected_answers(Scene.from_dict(s)) for s in scenes[:n]]
     with torch.no_grad():
-        x = to_pixels(images[:n])
-        rec = ((vqmodel.decode(encode_codes(vqmodel, x)).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        x = to_pixels(images[:n], _device(vqmodel))
+        rec = ((vqmodel.decode(encode_codes(vqmodel, x).to(x.device)).clamp(-1, 1) + 1) * 127.5).round()
+        rec = rec.to(torch.uint8).cpu()
     out = {}
     for name, batch in (("rendered", images[:n]), ("reconstructed", rec)):
         pil = [Image.fromarray(b.permute(1, 2, 0).contiguous().numpy()) for b in batch]
