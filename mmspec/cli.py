@@ -15,7 +15,6 @@ from .errors import InputError, UserError
 # Only bad input becomes the one-line, exit-2 error; anything else is a bug and keeps its traceback.
 USER_ERRORS = (UserError,)
 COMPARE_ROUNDS = 3  # --compare: timed runs of each method, taking turns; the best of each is reported
-IMAGE_TARGETS = ("mini-gen",)  # built-in image generators: `mmspec bench` runs the image bench on them
 
 
 class Parser(argparse.ArgumentParser):
@@ -338,8 +337,9 @@ def cmd_bench(args) -> int:
     methods = args.methods.split(",") if args.methods else None
     if args.json:
         _write_json(args.json, None)  # a --json that cannot be written fails now, not after the whole bench
-    _check_bench_flags(args, methods)
-    if args.target in IMAGE_TARGETS:
+    image = _is_image_target(args.target)
+    _check_bench_flags(args, methods, image)
+    if image:
         from .bench_image import run_image_bench
 
         report = run_image_bench(args.target, n=args.n, guidance_scale=args.guidance_scale,
@@ -359,9 +359,18 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _check_bench_flags(args, methods) -> None:
+def _is_image_target(target: str) -> bool:
+    """Whether `mmspec bench` runs the image bench: the target's config says it is an AR image generator (mini-gen,
+    or any Janus checkpoint directory), not its name."""
+    from .adapters import generates_images
+    from .registry import target_config
+
+    return generates_images(target_config(target)[1])
+
+
+def _check_bench_flags(args, methods, image: bool) -> None:
     """Each bench reads only its own flags: one the chosen bench would ignore is refused before anything runs."""
-    if args.target in IMAGE_TARGETS:
+    if image:
         stray = [f for f, given in (("--methods", methods), ("--max-new-tokens", args.max_new_tokens)) if given]
         if stray:
             raise InputError(f"{', '.join(stray)} applies to VLM targets; an image bench runs every rule for the "

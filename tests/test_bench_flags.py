@@ -46,6 +46,19 @@ def test_image_bench_honours_draft_dtype(monkeypatch):
     assert seen["draft_dtype"] == "bfloat16" and seen["quality"] is False
 
 
+def test_any_janus_checkpoint_gets_the_image_bench(tiny_dir, monkeypatch):
+    """The image bench is chosen by the target's config, so a user's Janus directory gets it too, not only mini-gen."""
+    import mmspec.bench
+    import mmspec.bench_image
+
+    seen = {}
+    monkeypatch.setattr(mmspec.bench_image, "run_image_bench", lambda target, **k: seen.update(k, target=target) or {})
+    monkeypatch.setattr(mmspec.bench, "run_bench", lambda *a, **k: pytest.fail("the VLM bench ran"))
+    janus = str(tiny_dir("janus"))
+    assert main(["bench", "--target", janus, "--no-sweep", "--no-quality"]) == 0
+    assert seen["target"] == janus and seen["sweep"] is False
+
+
 def test_quality_keys_are_null_without_quality():
     from mmspec.bench_image import QUALITY_KEYS, _report, _settings
 
