@@ -426,6 +426,7 @@ GEN_PLANS = {
 # the deep path in a minute (the test suite runs it): micro up-scaled to 3 blocks on 64-px images
 GEN_PLANS["micro-deep"] = dataclasses.replace(GEN_PLANS["micro"], size="micro-deep", base="micro")
 GEN_HELDOUT_SEED_OFFSET = 1_000_003
+DRAFTER_MADE_FOR = "made_for.json"  # in the drafter's work dir: the generator step it was distilled from
 GEN_ASSET_PROMPTS = 64
 
 
@@ -481,7 +482,7 @@ def build_gen(work: Path, out: Path, plan: GenPlan, assets: Path | None = None, 
     def export(model, extra):
         export_gen(model, tok, out_dir, {**info, **extra, "vq": json.loads((vq / "vq_metrics.json").read_text())})
 
-    if _stage("gen-generator", gen / "done.json"):
+    if _generator_due(gen, plan):
         timed("gen-generator", lambda: train_generator(plan, data, tok, vq, gen, export))
     info["generator"] = json.loads((gen / "done.json").read_text())
     info["vq"] = json.loads((vq / "vq_metrics.json").read_text())
@@ -489,8 +490,8 @@ def build_gen(work: Path, out: Path, plan: GenPlan, assets: Path | None = None, 
                                        {**info}, plan.judge_prompts)
     if stop_after == "generator":
         return info
-    if _stage("gen-drafter", work / "drafter" / "model.safetensors"):
-        timed("gen-drafter", lambda: _gen_drafter(plan, work, data, out_dir))
+    if _drafter_due(work / "drafter", info["generator"]["steps"]):
+        timed("gen-drafter", lambda: _gen_drafter(plan, work, data, out_dir, info["generator"]["steps"]))
     _half_copy_drafter(work / "drafter", out / "mini-gen-drafter", "mini-gen")
     if assets is not None:
         assets.mkdir(parents=True, exist_ok=True)
@@ -501,7 +502,38 @@ def build_gen(work: Path, out: Path, plan: GenPlan, assets: Path | None = None, 
     return info
 
 
-def _gen_drafter(plan: GenPlan, work: Path, data: Path, gen_dir: Path) -> None:
+def _generator_due(gen: Path, plan: GenPlan) -> bool:
+    """Whether the generator stage runs: it has not finished, or it finished within a smaller budget than the plan's
+    (a larger --gen-minutes continues a finished build from generator/ckpt.pt, a build spread over sessions; the
+    cosine schedule follows the clock, so it restarts part-way down, a warm restart). The old verification goes."""
+    done = gen / "done.json"
+    if not done.exists():
+        return _stage("gen-generator", done)
+    record = json.loads(done.read_text())
+    if record["steps"] >= plan.gen_max_steps or record["minutes"] >= plan.gen_minutes - 0.1:
+        return _stage("gen-generator", done)
+    logger.info("[gen-generator] continuing a %.1f-minute generator to %.1f minutes", record["minutes"],
+                plan.gen_minutes)
+    done.unlink()
+    (gen / "verify.json").unlink(missing_ok=True)
+    return True
+
+
+def _drafter_due(drafter: Path, generator_steps: int) -> bool:
+    """Whether the drafter stage runs: no drafter yet, or one distilled from another state of the generator (which
+    is kept beside it, renamed, and not resumed from)."""
+    made_for = drafter / DRAFTER_MADE_FOR
+    if (drafter / "model.safetensors").exists() and made_for.exists():
+        old = json.loads(made_for.read_text())["generator_steps"]
+        if old != generator_steps:
+            stale = drafter.with_name(f"{drafter.name}-for-generator-step-{old}")
+            logger.info("[gen-drafter] the drafter was made for generator step %d, not %d: moved to %s", old,
+                        generator_steps, stale)
+            drafter.rename(stale)
+    return _stage("gen-drafter", drafter / "model.safetensors")
+
+
+def _gen_drafter(plan: GenPlan, work: Path, data: Path, gen_dir: Path, generator_steps: int) -> None:
     """mini-gen-drafter: `train-drafter` on prompt lines, mini-gen drawing its own images (self-distillation).
     docs/image-generation.md has the cond-row vs both-rows measurement behind draft_rows."""
     from mmspec.train import TrainConfig, train_drafter
@@ -512,6 +544,7 @@ def _gen_drafter(plan: GenPlan, work: Path, data: Path, gen_dir: Path) -> None:
     train_drafter(str(gen_dir), prompts, work / "drafter", TrainConfig(
         vision_adaptor=False, max_steps=plan.drafter_steps, batch_size=8, lr=1e-3, seed=plan.seed,
         draft_rows=plan.drafter_rows))
+    (work / "drafter" / DRAFTER_MADE_FOR).write_text(json.dumps({"generator_steps": generator_steps}) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

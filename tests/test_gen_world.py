@@ -1,5 +1,6 @@
 """mini-gen's data, tokenizer, VQ rule and the micro build of the whole gen path."""
 
+import dataclasses
 import json
 import math
 import re
@@ -149,6 +150,17 @@ def test_micro_gen_build(tmp_path):
     # A second run finds every stage built: nothing trains again.
     again = build_gen(work, out, GEN_PLANS["micro"], assets)
     assert again["stages_s"] == {}
+    # A larger budget continues the finished generator (a build spread over sessions); the verification and the
+    # drafter are made again from it, and the old drafter is kept aside, not resumed from.
+    micro = GEN_PLANS["micro"]
+    longer = dataclasses.replace(micro, gen_max_steps=micro.gen_max_steps + 2, gen_minutes=10.0)
+    more = build_gen(work, out, longer, assets)
+    assert set(more["stages_s"]) == {"gen-generator", "gen-drafter"}
+    recorded = json.loads((out / "mini-gen" / "build_info.json").read_text())
+    assert more["generator"]["steps"] == recorded["generator"]["steps"] == longer.gen_max_steps
+    assert recorded["verify"] == more["verify"] and (work / "generator" / "verify.json").exists()
+    assert (work / f"drafter-for-generator-step-{micro.gen_max_steps}" / "model.safetensors").exists()
+    assert build_gen(work, out, longer, assets)["stages_s"] == {}
 
 
 def test_render_rejects_a_size_that_does_not_divide_the_geometry():
