@@ -84,6 +84,17 @@ def count_host_syncs():
             setattr(torch.Tensor, name, original)
 
 
+def machine(device) -> str:
+    """The hardware a bench ran on, for its JSON: speed figures from different CPUs are not comparable (bf16 is native
+    on AVX512-BF16 / AMX CPUs, emulated on AVX2 ones)."""
+    from .hardware import cpu_native_bf16, describe_device
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return describe_device(device)
+    return f"{describe_device(device)}, {'native' if cpu_native_bf16() else 'no native'} bf16"
+
+
 def take_turns(names: list, n: int, run: Callable[[object, int], None], warm_up: Callable[[object], None]) -> None:
     """Warm every method up once (first-call allocations and lazy inits off the clock), then run item k of n for every
     method, the methods taking turns and the first of them rotating with k, so a slow patch of a noisy machine hits
@@ -235,7 +246,7 @@ def run_bench(target: str = "mini-vlm", *, n: int = 8, max_new_tokens: int = 128
     finally:
         hook.remove()
 
-    header = {"target": target, "device": str(base.device), "n_prompts": n, "max_new_tokens": max_new_tokens,
+    header = {"target": target, "device": str(base.device), "hardware": machine(base.device), "n_prompts": n, "max_new_tokens": max_new_tokens,
               "temperature": temperature, "tree": asdict(base.tree), "dtype": str(base.target.dtype).removeprefix("torch."),
               "draft_dtype": str(draft_dt).removeprefix("torch.")}
     report = {**header, "methods": method_rows(results, greedy=temperature == 0)}

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .acceptance import Exact, Grouped, Lantern, LanternPP
-from .bench import MethodResult, count_host_syncs, take_turns
+from .bench import MethodResult, count_host_syncs, machine, take_turns
 from .config import AutoTreeConfig, TreeConfig
 from .errors import InputError, MissingInputError
 from .jacobi import JacobiConfig
@@ -157,7 +157,7 @@ def _report(target, pipe, n, kw, settings, scores, lossless) -> dict:
         else:
             sweep.append({"rule": type(s.rule).__name__.lower().replace("pp", "++"), "label": s.name,
                           **{k: v for k, v in asdict(s.rule).items()}, **row})
-    return {"target": target, "device": str(pipe.device), "n_prompts": n, "guidance_scale": kw["guidance_scale"],
+    return {"target": target, "device": str(pipe.device), "hardware": machine(pipe.device), "n_prompts": n, "guidance_scale": kw["guidance_scale"],
             "temperature": kw["temperature"], "tree_preset": _preset_name(pipe.tree), "methods": rows, "sweep": sweep}
 
 

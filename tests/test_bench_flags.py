@@ -68,6 +68,7 @@ def test_quality_keys_are_null_without_quality():
         s.add_image(SimpleNamespace(image=None, token_ids=[1] * 16, stats=stats))
     pipe = SimpleNamespace(tree_for=lambda rule: TreeConfig(), device="cpu", tree=TreeConfig())
     report = _report("mini-gen", pipe, 1, {"guidance_scale": 5.0, "temperature": 1.0}, settings, {}, {"exact": True})
+    assert report["hardware"].endswith("bf16")  # the CPU is named with the JSON: figures from two CPUs differ
     for row in list(report["methods"].values()) + report["sweep"]:
         assert {k: row[k] for k in QUALITY_KEYS} == dict.fromkeys(QUALITY_KEYS)
 
