@@ -512,6 +512,12 @@ def _generator_due(gen: Path, plan: GenPlan) -> bool:
     record = json.loads(done.read_text())
     if record["steps"] >= plan.gen_max_steps or record["minutes"] >= plan.gen_minutes - 0.1:
         return _stage("gen-generator", done)
+    from .train_gen import CKPT_NAME
+
+    if not (gen / CKPT_NAME).exists():  # training would start over and overwrite the finished generator
+        raise FileNotFoundError(f"cannot continue the {record['minutes']}-minute generator in {gen} to "
+                                f"{plan.gen_minutes} minutes: its {CKPT_NAME} is gone; keep --gen-minutes at "
+                                f"{record['minutes']} or build in a new --work")
     logger.info("[gen-generator] continuing a %.1f-minute generator to %.1f minutes", record["minutes"],
                 plan.gen_minutes)
     done.unlink()

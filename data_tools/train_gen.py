@@ -43,6 +43,7 @@ NUM_IMAGE_TOKENS = (IMAGE_PX // PATCH) ** 2  # mini-gen's and the micro build's
 SIDECAR = "mmspec_gen.json"
 COND_DROPOUT = 0.1  # share of training rows without their prompt, for classifier-free guidance
 CKPT_SECONDS = 300
+CKPT_NAME = "ckpt.pt"  # in the generator's work dir: what a stopped or a continued run resumes from
 
 # Janus's conversation format: a user turn, then the assistant prefix the image follows.
 CHAT_TEMPLATE = (
@@ -401,7 +402,7 @@ def train_generator(plan, data: Path, tok_dir: Path, vq_dir: Path, out_dir: Path
              "neighbours": code_neighbours(model.model.vqmodel.quantize.embedding.weight, plan.code_swap_k)}
     opt = torch.optim.AdamW(params, lr=plan.gen_lr, betas=(0.9, 0.95), weight_decay=0.05)
     g = torch.Generator().manual_seed(plan.seed)
-    ckpt = out_dir / "ckpt.pt"
+    ckpt = out_dir / CKPT_NAME
     state = _resume(ckpt, model, opt, g)
     budget, held = plan.gen_minutes * 60, (ids["heldout"][:256], codes["heldout"][:256])
     model.train()

@@ -246,8 +246,9 @@ def run_bench(target: str = "mini-vlm", *, n: int = 8, max_new_tokens: int = 128
     finally:
         hook.remove()
 
-    header = {"target": target, "device": str(base.device), "hardware": machine(base.device), "n_prompts": n, "max_new_tokens": max_new_tokens,
-              "temperature": temperature, "tree": asdict(base.tree), "dtype": str(base.target.dtype).removeprefix("torch."),
+    header = {"target": target, "device": str(base.device), "hardware": machine(base.device), "n_prompts": n,
+              "max_new_tokens": max_new_tokens, "temperature": temperature, "tree": asdict(base.tree),
+              "dtype": str(base.target.dtype).removeprefix("torch."),
               "draft_dtype": str(draft_dt).removeprefix("torch.")}
     report = {**header, "methods": method_rows(results, greedy=temperature == 0)}
     for m in ("eagle", "vispec"):  # each drafter's own shape (tuned apart under `auto`)

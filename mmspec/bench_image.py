@@ -157,8 +157,9 @@ def _report(target, pipe, n, kw, settings, scores, lossless) -> dict:
         else:
             sweep.append({"rule": type(s.rule).__name__.lower().replace("pp", "++"), "label": s.name,
                           **{k: v for k, v in asdict(s.rule).items()}, **row})
-    return {"target": target, "device": str(pipe.device), "hardware": machine(pipe.device), "n_prompts": n, "guidance_scale": kw["guidance_scale"],
-            "temperature": kw["temperature"], "tree_preset": _preset_name(pipe.tree), "methods": rows, "sweep": sweep}
+    return {"target": target, "device": str(pipe.device), "hardware": machine(pipe.device), "n_prompts": n,
+            "guidance_scale": kw["guidance_scale"], "temperature": kw["temperature"],
+            "tree_preset": _preset_name(pipe.tree), "methods": rows, "sweep": sweep}
 
 
 def _preset_name(tree: TreeConfig) -> str:

@@ -161,6 +161,10 @@ def test_micro_gen_build(tmp_path):
     assert recorded["verify"] == more["verify"] and (work / "generator" / "verify.json").exists()
     assert (work / f"drafter-for-generator-step-{micro.gen_max_steps}" / "model.safetensors").exists()
     assert build_gen(work, out, longer, assets)["stages_s"] == {}
+    (work / "generator" / "ckpt.pt").unlink()  # without its checkpoint a longer run would start over: refused
+    with pytest.raises(FileNotFoundError, match="ckpt.pt is gone"):
+        build_gen(work, out, dataclasses.replace(longer, gen_max_steps=longer.gen_max_steps + 2), assets)
+    assert (work / "generator" / "done.json").exists()
 
 
 def test_render_rejects_a_size_that_does_not_divide_the_geometry():
