@@ -33,7 +33,7 @@ from .drafter import Drafter
 from .errors import InputError, UserError
 from .train_checkpoint import LoopState, load_checkpoint, save_checkpoint
 from .train_examples import Example, TeacherCache, encode_conversation, teach
-from .train_image import read_prompts, teach_image
+from .train_image import drawer_for, read_prompts, teach_image
 from .train_objective import DraftObjective, evaluate
 
 logger = logging.getLogger(__name__)
@@ -288,10 +288,12 @@ def train_drafter(target: str, data: str | Path, out: str | Path, cfg: TrainConf
         logger.info("resumed from %s at step %d", ckpt, loop.step)
     want_embeds = drafter.vision is not None
 
+    drawer = drawer_for(model, adapter, processor) if adapter.generates_images else None
+
     def teach_one(conv) -> list[Example]:
-        if adapter.generates_images:  # one Example per drafter row
-            return teach_image(model, adapter, processor, conv, drafter.config.feature_layers, cfg.guidance_scale,
-                               cfg.seed, cfg.draft_rows)
+        if drawer is not None:  # one Example per drafter row
+            return teach_image(drawer, conv, drafter.config.feature_layers, cfg.guidance_scale, cfg.seed,
+                               cfg.draft_rows)
         return [teach(model, adapter, processor, conv, drafter.config.feature_layers, want_embeds, cfg.max_length)]
 
     cache = TeacherCache(teach_one, int(cfg.teacher_cache_gb * 2**30), accelerator.device)
