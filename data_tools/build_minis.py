@@ -418,7 +418,7 @@ GEN_PLANS = {
     # A batch-16 step costs ~0.95 s with bf16 autocast on 2 free Sapphire Rapids cores (batch 32: 1.8 s).
     "deep": GenPlan(size="deep", base="mini", n_train=12_000, vq_minutes=10.0, vq_lr=5e-4, vq_batch=16,
                     gen_n_train=12_000, gen_batch=16, gen_lr=6e-4,
-                    gen_minutes=75.0, export_after_minutes=20.0, drafter_prompts=500, drafter_steps=1_500),
+                    gen_minutes=75.0, export_after_minutes=20.0, drafter_prompts=1_000, drafter_steps=1_500),
     "micro": GenPlan(size="micro", n_train=64, n_heldout=8, vq_steps=4, vq_batch=8, vq_judge_images=0,
                      judge_prompts=0, gen_minutes=0.2, gen_max_steps=6, gen_batch=8, gen_lr=3e-3,
                      export_after_minutes=0.0, n_samples=1, gen_n_train=64, drafter_prompts=8, drafter_steps=2),

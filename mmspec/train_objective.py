@@ -113,19 +113,24 @@ class DraftObjective(nn.Module):
             metrics[f"loss_{s}"] = loss.detach()
             metrics[f"acc_{s}"] = ((logp.argmax(-1) == teacher_top) & valid).sum().float() / n_valid
             metrics[f"n_{s}"] = valid.sum()
+            # sum_x min(p, q): how often one draft sampled from the drafter passes speculative sampling at T = 1
+            overlap = torch.minimum(teacher_lp.exp(), logp.exp()).sum(-1)
+            metrics[f"accept_{s}"] = (overlap * valid).sum() / n_valid
         return total / weights, metrics
 
 
 @torch.no_grad()
 def evaluate(objective: DraftObjective, batches: list[list[Example]]) -> dict:
-    """Held-out loss and per-depth top-1 agreement with the target (the greedy acceptance rate at each draft depth)."""
+    """Held-out loss, per-depth top-1 agreement with the target (the greedy acceptance rate at each draft depth) and
+    per-depth overlap sum min(p, q) (the acceptance rate of a draft sampled from the drafter at temperature 1)."""
     objective.eval()
     sums: dict[str, float] = {}
     for exs in batches:
         _, m = objective(exs)
         for s in range(objective.ttt_steps):
             n = float(m[f"n_{s}"])
-            sums[f"acc_{s}"] = sums.get(f"acc_{s}", 0.0) + float(m[f"acc_{s}"]) * n
+            for key in ("acc", "accept"):
+                sums[f"{key}_{s}"] = sums.get(f"{key}_{s}", 0.0) + float(m[f"{key}_{s}"]) * n
             sums[f"loss_{s}"] = sums.get(f"loss_{s}", 0.0) + float(m[f"loss_{s}"]) * n
             sums[f"n_{s}"] = sums.get(f"n_{s}", 0.0) + n
     objective.train()
@@ -133,5 +138,6 @@ def evaluate(objective: DraftObjective, batches: list[list[Example]]) -> dict:
     for s in range(objective.ttt_steps):
         n = max(sums.get(f"n_{s}", 0.0), 1.0)
         out[f"depth{s + 1}_acc"] = sums.get(f"acc_{s}", 0.0) / n
+        out[f"depth{s + 1}_accept_t1"] = sums.get(f"accept_{s}", 0.0) / n
         out[f"depth{s + 1}_loss"] = sums.get(f"loss_{s}", 0.0) / n
     return out
