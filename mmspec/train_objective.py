@@ -113,9 +113,10 @@ class DraftObjective(nn.Module):
             metrics[f"loss_{s}"] = loss.detach()
             metrics[f"acc_{s}"] = ((logp.argmax(-1) == teacher_top) & valid).sum().float() / n_valid
             metrics[f"n_{s}"] = valid.sum()
-            # sum_x min(p, q): how often one draft sampled from the drafter passes speculative sampling at T = 1
-            overlap = torch.minimum(teacher_lp.exp(), logp.exp()).sum(-1)
-            metrics[f"accept_{s}"] = (overlap * valid).sum() / n_valid
+            if not self.training:  # evaluation only: a [B, m, V] pass more, kept out of the training step's graph
+                # sum_x min(p, q): how often one draft sampled from the drafter passes speculative sampling at T = 1
+                overlap = torch.minimum(teacher_lp.exp(), logp.exp()).sum(-1)
+                metrics[f"accept_{s}"] = (overlap * valid).sum() / n_valid
         return total / weights, metrics
 
 
