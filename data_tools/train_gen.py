@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ PATCH = 4  # 32 px / 4 = 8x8 = 64 image tokens; the VQ also downsamples by 4 (ch
 NUM_IMAGE_TOKENS = (IMAGE_PX // PATCH) ** 2  # mini-gen's and the micro build's
 SIDECAR = "mmspec_gen.json"
 COND_DROPOUT = 0.1  # share of training rows without their prompt, for classifier-free guidance
+PAUSE_FACTOR = 5.0  # a step that took longer than this many mean steps was paused: it counts as this many
 CKPT_SECONDS = 300
 CKPT_NAME = "ckpt.pt"  # in the generator's work dir: what a stopped or a continued run resumes from
 
@@ -260,6 +262,14 @@ def guided_batch(model, ids: list[list[int]], codes: torch.Tensor, pad: int, kee
 
 
 @torch.no_grad()
+def _step_seconds(since: float, state: dict) -> float:
+    """The seconds one step adds to the schedule's clock: its wall time, but at most PAUSE_FACTOR times the mean step
+    so far, so a build paused (kill -STOP, a suspended laptop) resumes where its schedule stood."""
+    took = time.perf_counter() - since
+    mean = state["elapsed"] / state["step"] if state["step"] > 20 else took
+    return min(took, PAUSE_FACTOR * mean)
+
+
 def _heldout_loss(model, ids, codes, pad, keep, batch: int = 64) -> float:
     model.eval()
     total = 0.0
@@ -385,11 +395,10 @@ def _gen_lr(plan, step: int, progress: float) -> float:
 
 
 def train_generator(plan, data: Path, tok_dir: Path, vq_dir: Path, out_dir: Path, export_fn=None) -> dict:
-    """Train the generator for ``plan.gen_minutes`` of wall clock (or ``plan.gen_max_steps``); resumable from
+    """Train the generator for ``plan.gen_minutes`` (or ``plan.gen_max_steps``); resumable from
     out_dir/ckpt.pt. ``export_fn(model, info)`` is called once after ``plan.export_after_minutes`` and at the end;
-    out_dir/final.pt holds the final state dict and out_dir/done.json the training record."""
-    import time
-
+    out_dir/final.pt holds the final state dict and out_dir/done.json the training record. Its minutes are training
+    minutes: a pause (see _step_seconds) does not spend them."""
     from .train_vq import pick_threads
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -406,12 +415,13 @@ def train_generator(plan, data: Path, tok_dir: Path, vq_dir: Path, out_dir: Path
     state = _resume(ckpt, model, opt, g)
     budget, held = plan.gen_minutes * 60, (ids["heldout"][:256], codes["heldout"][:256])
     model.train()
-    t_start, last_ckpt, losses = time.perf_counter() - state["elapsed"], time.perf_counter(), []
+    last_step, last_ckpt, losses = time.perf_counter(), time.perf_counter(), []
     while state["step"] < plan.gen_max_steps and state["elapsed"] < budget:
         lr = _gen_lr(plan, state["step"], state["elapsed"] / budget)
         losses.append(_gen_step(plan, model, opt, params, batch, g, lr, bf16))
         state["step"] += 1
-        state["elapsed"] = time.perf_counter() - t_start
+        state["elapsed"] += _step_seconds(last_step, state)
+        last_step = time.perf_counter()
         if state["step"] % 100 == 0:
             threads = pick_threads(threads)
         if state["step"] % 50 == 0:
@@ -429,7 +439,6 @@ def train_generator(plan, data: Path, tok_dir: Path, vq_dir: Path, out_dir: Path
                 and state["elapsed"] > plan.export_after_minutes * 60):
             state["exported_early"] = True
             export_fn(model, {"generator": {**_record(state, losses), "final": False}})
-    state["elapsed"] = time.perf_counter() - t_start
     _save_ckpt(ckpt, model, opt, g, state)
     record = {**_record(state, losses), "heldout_loss": round(_heldout_loss(model, *held, pad, keep), 4),
               "bf16_autocast": bf16, "device": describe_device(device), "final": True, "init_from": plan.init_from,

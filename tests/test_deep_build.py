@@ -114,3 +114,13 @@ def test_counting_stage_becomes_the_target_only_when_it_grades_no_worse(tmp_path
     assert (target / "model.safetensors").read_bytes() == (b"qa" if kept == "mini-vlm-qa" else b"count")
     assert json.loads((target / "train_metrics.json").read_text())["kept"]["weights_of"] == kept
     assert (target / "tokenizer.json").exists() and not (tmp_path / "mini-vlm.partial").exists()
+
+
+def test_a_paused_generator_step_counts_as_a_few_mean_steps():
+    """The generator's schedule follows training minutes: a step that took far longer than the mean (the build was
+    paused) adds PAUSE_FACTOR mean steps, not the pause; a normal step adds its own time."""
+    from mmspec.data_tools import train_gen
+
+    state = {"elapsed": 100.0, "step": 50}  # a 2-second mean step
+    assert train_gen._step_seconds(time.perf_counter() - 600, state) == pytest.approx(train_gen.PAUSE_FACTOR * 2)
+    assert train_gen._step_seconds(time.perf_counter() - 3, state) == pytest.approx(3, abs=0.5)
