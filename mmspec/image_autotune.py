@@ -12,6 +12,11 @@ product of the acceptance probabilities on their path. In an EAGLE-2 tree a node
 high, so every shape that keeps a node keeps them too: the residual, and with it the node's reach, is the same in
 every shape drawn from one beam.
 
+A chain (top_k 1) at temperature > 0 draws its drafts from the drafter (EagleProposer.sample_chain), so its depth-d
+draft passes with a_d = sum_x min(r_d(x), q_d(x)), r_d the (relaxed) target distribution and q_d the drafter's, and
+E[codes per step] = 1 + sum_d a_1 ... a_d. The calibration reads q_d and r_d along the drafter's argmax chain, the one
+path the target scores: an estimate, since a sampled chain conditions on its own draws.
+
 The calibration walks the target's own samples of a few prompts (guidance 5, temperature 1, the defaults): at every
 code the drafter grows its full beam for every width, the target scores the union of all shapes' trees in one
 forward, and each shape's expectation is read off those probabilities, for every rule asked at once.
@@ -41,6 +46,7 @@ TOTALS = (2, 3, 4, 6, 8, 12, 16, 24, 32)
 CALIBRATION = {"guidance_scale": 5.0, "temperature": 1.0}
 CALIBRATION_SEED = 7_777_002
 MAX_POSITIONS = 96  # codes walked per prompt: enough for the statistics, bounded for 576-code targets
+ESTIMATE = "sampled chains"  # what the estimates assume; a cache entry made under another assumption is not reused
 PROBE_TREE = TreeConfig(depth=3, top_k=4, total_tokens=10)  # the one speculative image that measures `other`
 
 
@@ -94,7 +100,8 @@ class _Calibration:
         sums: dict[tuple[int, int, int], float] = {}
         for pos in self.positions:
             for k, beam in pos["beams"].items():
-                reach = self._reach(pos, beam, rule, neighbours)
+                reach = self._chain_reach(pos, beam, rule, neighbours) if k == 1 else \
+                    self._reach(pos, beam, rule, neighbours)
                 for depth, ranked in beam["ranked"].items():
                     for total in TOTALS:
                         if total - 1 > len(ranked):  # more than the beam holds: the same tree as a smaller total
@@ -103,6 +110,19 @@ class _Calibration:
                         sums[key] = sums.get(key, 0.0) + 1.0 + sum(reach[i] for i in ranked[: total - 1])
         n = max(len(self.positions), 1)
         return {key: s / n for key, s in sums.items()}
+
+    @staticmethod
+    def _chain_reach(pos: dict, beam: dict, rule, neighbours) -> dict[int, float]:
+        """A sampled chain's candidate index (depth - 1) -> reach, a_1 ... a_depth (see the module's docstring)."""
+        q = beam["chain_q"]  # [MAX_DEPTH, V] the drafter's distribution at each depth of its argmax chain
+        p = torch.stack([pos["rows"][beam["paths"][c][:-1]] for c in range(q.shape[0])])  # the target's, same nodes
+        draft = q * p.sum(dim=-1, keepdim=True)
+        if hasattr(rule, "relax_rows"):
+            relaxed = rule.relax_rows(p, draft, neighbours, rule.node_budget)[0]
+        else:
+            relaxed = torch.stack([rule.relax(r, d, neighbours, rule.node_budget)[0] for r, d in zip(p, draft)])
+        passes = torch.minimum(relaxed, draft).sum(dim=-1) / p.sum(dim=-1)
+        return dict(enumerate(passes.cumprod(0).tolist()))
 
     @staticmethod
     def _reach(pos: dict, beam: dict, rule, neighbours) -> dict[int, float]:
@@ -121,7 +141,8 @@ def tune_image_trees(pipe, rules: list, source: str | None) -> dict:
     """{repr(rule): (best TreeConfig, what it was chosen from)} for `pipe`; cached per rule under `source` (None:
     measure, do not cache). One calibration serves every rule not found in the cache."""
     path, out = cache_file(), {}
-    keys = [cache_key(pipe, f"{source} | {rule!r} | {CALIBRATION}") if source else None for rule in rules]
+    keys = [cache_key(pipe, f"{source} | {rule!r} | {CALIBRATION} | {ESTIMATE}") if source else None
+            for rule in rules]
     cached = read_cache(path)
     for rule, key in zip(rules, keys):
         if key and (hit := cached_tree(cached.get(key))) is not None:
@@ -186,6 +207,8 @@ def _walk(pipe, prompt: str, codes: list[int], sampling: SamplingConfig, cal: _C
             picked = {c for r in ranked.values() for c in r}
             beams[k] = {"ranked": ranked, "parents": parents.tolist(),
                         "paths": _paths(tokens.tolist(), parents.tolist(), picked)}
+            if k == 1:  # drafts sampled from q at temperature > 0 (CALIBRATION's): what _chain_reach reads
+                beams[k]["chain_q"] = warp(torch.cat(proposer.beam_logp), sampling).float().cpu()
         cal.draft_forwards += MAX_DEPTH
         union = sorted({p for b in beams.values() for p in b["paths"].values()}, key=len)
         node = {p: n for n, p in enumerate(union, start=1)}

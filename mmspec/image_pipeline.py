@@ -159,7 +159,7 @@ class ImagePipeline:
         if isinstance(drafting, JacobiConfig):
             proposer = JacobiProposer(drafting, sampling, generator, n_codes, self.codebook_size)
         elif drafting == "drafter" and self.tree_for(rule).total_tokens > 1:
-            proposer = self.proposer(self.tree_for(rule), scale)
+            proposer = self.proposer(self.tree_for(rule), scale, sampling, generator)
         else:
             proposer = NullProposer()
         accept = acceptor(rule, sampling, generator, neighbours)
@@ -193,11 +193,14 @@ class ImagePipeline:
             return inputs, first_row
         return self.adapter.guidance_rows(inputs, *self.special), guidance(scale)
 
-    def proposer(self, tree: TreeConfig, scale: float) -> EagleProposer:
+    def proposer(self, tree: TreeConfig, scale: float, sampling: SamplingConfig | None = None,
+                 generator: torch.Generator | None = None) -> EagleProposer:
         """The drafter's proposer for one image: on the cond row, or on both rows combined as the target's logits
-        for a drafter trained that way (draft_rows=2)."""
+        for a drafter trained that way (draft_rows=2). With `sampling` above temperature 0 a chain tree (top_k 1)
+        draws its drafts from the drafter (EagleProposer)."""
         both = self.drafter.config.draft_rows == 2 and scale != 1.0
-        return EagleProposer(self.drafter, tree, guidance(scale) if both else None)
+        return EagleProposer(self.drafter, tree, guidance(scale) if both else None, sampling=sampling,
+                             generator=generator)
 
     def tree_for(self, acceptance: AcceptanceRule = EXACT) -> TreeConfig:
         """The tree generate_image drafts with under `acceptance`: the pipeline's own, or with

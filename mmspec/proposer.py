@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .config import TreeConfig
+from .config import SamplingConfig, TreeConfig
 from .drafter import DraftKV, Drafter
+from .errors import InputError
 from .tree import DraftTree, select_tree
-from .verify import Acceptance
+from .verify import Acceptance, warp
 from .vision import plan_compression
 
 
@@ -114,9 +115,19 @@ class EagleProposer:
     needs_features = True
     prune = True  # stop drafting once no deeper candidate can enter the tree (same tree, fewer forwards)
 
-    def __init__(self, drafter: Drafter, tree: TreeConfig, combine=None, rows: int = 2) -> None:
+    def __init__(self, drafter: Drafter, tree: TreeConfig, combine=None, rows: int = 2,
+                 sampling: SamplingConfig | None = None, generator: torch.Generator | None = None) -> None:
         self.drafter = drafter
         self.tree = tree
+        # Given a sampling warp above temperature 0, a chain (top_k 1) draws each draft from the drafter's warped
+        # distribution q and carries q to verification, which accepts it with min(1, p / q): it passes with
+        # sum min(p, q), where the argmax draft passes with p(argmax), little on a flat target such as image codes.
+        self.sampling = sampling if sampling is not None and not sampling.greedy and tree.top_k == 1 else None
+        self.generator = generator
+        if self.sampling is not None and getattr(drafter, "d2t", None) is not None:
+            raise InputError("sampled chains need a drafter whose head covers the target's vocabulary (this one has "
+                             "a reduced draft vocabulary); use top_k >= 2 or temperature 0")
+        self.beam_logp: list[Tensor] = []  # per depth of the last grow, each beam row's draft log-probs [k, V]
         self.rows = 1 if combine is None else rows
         self._combine = combine or (lambda logits: logits[0])  # [B, ..., V] -> [..., V]
         self.forwards = 0  # drafter forwards run so far, counted where they run
@@ -157,29 +168,59 @@ class EagleProposer:
 
     @torch.no_grad()
     def propose(self, root: Tensor, root_pos: int) -> DraftTree:
+        if self.sampling is not None:
+            tokens, q = self.sample_chain(root_pos)
+            q = torch.cat([q.new_zeros(1, q.shape[-1]), q])  # row 0: the root, committed, not drafted
+            return DraftTree.chain(torch.cat([root.reshape(1), tokens]), draft_probs=q)
         tokens, parents, scores = self.grow(root_pos)
         return select_tree(root.reshape(1), tokens, parents, scores, self.tree.total_tokens)
+
+    def _catch_up(self, root_pos: int) -> Tensor:
+        """Run the drafter over the newly committed pairs (the last one ends in the root and predicts depth 1) and
+        keep them in its KV; -> their predicted features [B, m, H]."""
+        d, pend = self.drafter, self._pending
+        self._root_pos = root_pos
+        tokens = pend.tokens  # [B, m]
+        m, past = tokens.shape[1], self.kv.length
+        mask = torch.ones(m, past + m, dtype=torch.bool, device=tokens.device)
+        mask[:, past:] = torch.ones(m, m, dtype=torch.bool, device=tokens.device).tril()
+        feats = pend.features.to(d.q_proj.weight.dtype)
+        hidden = d(tokens, feats, pend.positions, mask[None], self.kv, pend.embeds, pend.image_vec)
+        self.forwards += 1
+        return hidden
+
+    @torch.no_grad()
+    def sample_chain(self, root_pos: int) -> tuple[Tensor, Tensor]:
+        """min(depth, total_tokens - 1) drafts, each drawn from the drafter's warped distribution given the drafts
+        before it -> (tokens [n], the distributions q they were drawn from [n, V])."""
+        d = self.drafter
+        feat = self._catch_up(root_pos)[:, -1:]  # [B, 1, H]
+        committed, b, dev = self.kv.length, feat.shape[0], feat.device
+        vec = None if self._image_vec is None else self._image_vec[None]
+        tokens, qs = [], []
+        for depth in range(min(self.tree.depth, self.tree.total_tokens - 1)):
+            if depth:  # the last draft, fed with the feature that predicted it, at its own position
+                pos = torch.full((b, 1), root_pos + depth, device=dev)
+                mask = torch.ones(1, 1, committed + depth, dtype=torch.bool, device=dev)
+                feat = d(tokens[-1].expand(b, 1), feat, pos, mask, self.kv, image_vec=vec)
+                self.forwards += 1
+            q = warp(self._combine(d.logits(feat[:, -1]).float()), self.sampling)  # [V]
+            tokens.append(torch.multinomial(q, 1, generator=self.generator))
+            qs.append(q)
+        self.kv.crop(committed)
+        return torch.cat(tokens), torch.stack(qs)
 
     @torch.no_grad()
     def grow(self, root_pos: int) -> tuple[Tensor, Tensor, Tensor]:
         """Catch up on the committed pairs, then grow the beam: every candidate as (tokens, parents, cumulative
         log-probabilities) [N], in generation order (top_k at depth 1, then top_k**2 per depth)."""
         d, cfg = self.drafter, self.tree
-        self._root_pos = root_pos
-        pend = self._pending
-        tokens = pend.tokens  # [B, m]
-        dev, k = tokens.device, cfg.top_k
-        b, m = tokens.shape
+        hidden = self._catch_up(root_pos)  # [B, m, H]
+        dev, k, b = hidden.device, cfg.top_k, hidden.shape[0]
         vec = None if self._image_vec is None else self._image_vec[None]  # [1, 1, H]
-        past = self.kv.length
-        # Catch up on the newly committed pairs; the last one (ending in the root) predicts depth 1.
-        mask = torch.ones(m, past + m, dtype=torch.bool, device=dev)
-        mask[:, past:] = torch.ones(m, m, dtype=torch.bool, device=dev).tril()
-        feats = pend.features.to(d.q_proj.weight.dtype)
-        hidden = d(tokens, feats, pend.positions, mask[None], self.kv, pend.embeds, pend.image_vec)  # [B, m, H]
-        self.forwards += 1
         committed = self.kv.length
         logp = torch.log_softmax(self._combine(d.logits(hidden[:, -1]).float()), dim=-1)  # [V]
+        self.beam_logp = [logp[None]]
         scores, beam_tokens = logp.topk(k)  # [k]
         beam_tokens = self._to_target(beam_tokens)
         cand_tokens, cand_parents, cand_scores = [beam_tokens], [torch.full((k,), -1, device=dev)], [scores]
@@ -199,6 +240,7 @@ class EagleProposer:
             hidden = d(beam_tokens.expand(b, k), beam_feats, pos, mask[None, :, :end], self.kv, image_vec=vec)
             self.forwards += 1
             logp = torch.log_softmax(self._combine(d.logits(hidden).float()), dim=-1)  # [k, V]
+            self.beam_logp.append(logp)
             top_lp, top_tok = logp.topk(k, dim=-1)  # [k, k]
             top_tok = self._to_target(top_tok)
             cum = (scores[:, None] + top_lp).flatten()

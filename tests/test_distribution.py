@@ -11,10 +11,10 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-from mmspec import SamplingConfig
+from mmspec import SamplingConfig, TreeConfig
 from mmspec.engine import first_row, guidance
 from mmspec.verify import warp
-from toy_target import ToyLM, chi_square_pvalue, engine_draws, sequence_probs
+from toy_target import ToyLM, chi_square_pvalue, engine_draws, pooled_engine_draws, sequence_probs
 
 VOCAB, NEW, DRAWS = 5, 3, 50_000
 SHAPES = {
@@ -56,4 +56,19 @@ def test_engine_samples_the_target_distribution(draws, case):
         accepted += half_accepted
     assert sum(counts.values()) >= 50_000
     assert accepted > DRAWS / 4  # multi-token paths were accepted, so the cache edits were exercised
+    assert chi_square_pvalue(counts, exact) >= 1e-3
+
+
+@pytest.mark.parametrize("sampling,scale", [(dict(temperature=1.0, top_p=0.9), None), (dict(temperature=0.8, top_k=3), 3.0)],
+                         ids=["one-row", "cfg"])
+def test_sampled_drafter_chains_sample_the_target_distribution(sampling, scale):
+    """An EAGLE chain (top_k 1) above temperature 0 draws each draft from its drafter's warped distribution q and is
+    verified with min(1, p / q) (EagleProposer.sample_chain): its output is still the target's distribution."""
+    draws = 12_000
+    chain = TreeConfig(depth=3, top_k=1, total_tokens=4)
+    rows = [[1, 3, 2, 4]] if scale is None else [[1, 3, 2, 4], [1, 0, 2, 0]]  # a drafter reads rows of one length
+    counts, accepted = pooled_engine_draws([(chain, sampling, scale, rows, NEW, draws // 2, s) for s in (1, 2)])
+    combine, cfg = (first_row if scale is None else guidance(scale)), SamplingConfig(**sampling)
+    exact = sequence_probs(ToyLM(VOCAB), rows, NEW, lambda logits, _: warp(combine(logits[:, None])[0], cfg))
+    assert accepted > draws / 4  # drafts passed their q-tests, so the chains' cache edits were exercised too
     assert chi_square_pvalue(counts, exact) >= 1e-3

@@ -9,7 +9,7 @@ import torch
 import mmspec
 from mmspec import DraftTree, Exact, Lantern, LanternPP, TreeConfig
 from mmspec.config import SamplingConfig
-from mmspec.image_autotune import expected_accepted, tune_image_trees
+from mmspec.image_autotune import _Calibration, expected_accepted, tune_image_trees
 from mmspec.verify import accept_sampling
 
 # a tree whose siblings overlap in their neighbour sets, so the residual after a rejection matters
@@ -50,6 +50,31 @@ def test_relaxed_reach_needs_the_residual():
     naive = [float(rule.relaxed_mass(probs[:1], tokens[i : i + 1], neighbours)) for i in (1, 2)]
     assert reach[1] == pytest.approx(naive[0])
     assert reach[2] != pytest.approx(naive[1])
+
+
+@pytest.mark.parametrize("rule", [Exact(), Lantern(k=3, delta=0.3)])
+def test_sampled_chain_reach_equals_the_chain_drawn(rule):
+    """A chain whose drafts are drawn from q (EagleProposer.sample_chain) against its closed form a_1 ... a_d, on
+    target rows that do not depend on the drafts (where the closed form is exact): sampled, then verified."""
+    g = torch.Generator().manual_seed(2)
+    vocab, depth = 7, 3
+    p_logits = torch.randn(depth + 1, vocab, generator=g) * 1.5
+    q = (p_logits[:depth] + torch.randn(depth, vocab, generator=g)).softmax(-1)  # a drafter near the target
+    neighbours = torch.stack([torch.roll(torch.arange(vocab), -s) for s in (1, 2, 3)], dim=1)  # a ring
+    paths = {c: tuple(range(c + 1)) for c in range(depth)}  # the argmax chain's node paths (any labels will do)
+    rows = {paths[c][:-1]: p_logits[c].softmax(-1) for c in range(depth)}
+    reach = _Calibration._chain_reach({"rows": rows}, {"chain_q": q, "paths": paths}, rule, neighbours)
+    want = sum(reach.values())
+    sampling, n = SamplingConfig(temperature=1.0), 3000
+    draws = []
+    for _ in range(n):
+        drafts = torch.multinomial(q, 1, generator=g)[:, 0]
+        tree = DraftTree.chain(torch.cat([torch.tensor([0]), drafts]), draft_probs=torch.cat([q[:1] * 0, q]))
+        draws.append(accept_sampling(tree, p_logits, sampling, g, rule, neighbours).num_accepted)
+    draws = torch.tensor(draws, dtype=torch.float64)
+    stderr = float(draws.std()) / n**0.5
+    assert abs(float(draws.mean()) - want) < 4 * stderr + 1e-9, (float(draws.mean()), want, stderr)
+    assert 0.3 < want < 2.7
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,15 @@
 """Layer 1: fixed tables for tree construction (DraftTree, EAGLE-2 rerank, the proposer's beam growth)."""
 
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import mmspec
 from mmspec import DraftTree, TreeConfig
-from mmspec.drafter import DraftKV
 from mmspec.proposer import EagleProposer, PromptContext
 from mmspec.tree import select_tree
+from mmspec.verify import warp
+from toy_target import BigramDrafter
 
 
 def test_from_parents_derives_depths_mask_and_paths():
@@ -110,31 +110,6 @@ def test_select_tree_ties_keep_parents_first():
     assert tree.tokens.tolist() == [0, 1, 3, 4] and tree.parents.tolist() == [-1, 0, 1, 2]
 
 
-class BigramDrafter:
-    """A stand-in drafter whose draft logits depend only on the current token: table[token] (+-100 entries)."""
-
-    vision = None
-    config = SimpleNamespace(modality="text")
-
-    def __init__(self, table: torch.Tensor):
-        self.table = table
-        self.q_proj = torch.nn.Linear(1, 1)
-        self.calls = 0
-
-    def fuse(self, hidden_states):
-        return hidden_states[-1]
-
-    def __call__(self, token_ids, features, positions, mask, kv: DraftKV, embeds=None, image_vec=None):
-        self.calls += 1
-        b, n = token_ids.shape
-        assert mask.shape == (1, n, kv.length + n)
-        kv.append(torch.zeros(b, 1, n, 1), torch.zeros(b, 1, n, 1))
-        return torch.nn.functional.one_hot(token_ids, self.table.shape[0]).float()
-
-    def logits(self, hidden):
-        return self.table[hidden.argmax(-1)]
-
-
 def successor_table(v: int = 8) -> tuple[int, torch.Tensor]:
     """Draft logits from every token t: best next is t+1, second best t+2 (mod v), the rest -100."""
     table = torch.full((v, v), -100.0)
@@ -190,3 +165,39 @@ def test_a_depth_one_tree_is_the_roots_best_children():
     prop.start(PromptContext(torch.tensor([0, 1]), torch.arange(2), (torch.zeros(1, 2, v),)), first_token=2, first_pos=2)
     tree = prop.propose(torch.tensor([2]), root_pos=2)
     assert tree.tokens.tolist() == [2, 3, 4] and tree.parents.tolist() == [-1, 0, 0] and drafter.calls == 1
+
+
+def test_a_sampled_chain_carries_the_distribution_each_draft_was_drawn_from():
+    """Above temperature 0 a top_k-1 tree is a chain drawn from the drafter: each node's draft_probs is the drafter's
+    warped distribution given the drafts before it, and the node's token was drawn from it (seeded)."""
+    v = 6
+    table = torch.randn(v, v, generator=torch.Generator().manual_seed(0))
+    sampling = mmspec.SamplingConfig(temperature=0.7, top_k=4)
+    prompt = PromptContext(torch.tensor([0, 1]), torch.arange(2), (torch.zeros(1, 2, v),))
+
+    def chain(seed: int, tree=TreeConfig(depth=3, top_k=1, total_tokens=4)) -> tuple[DraftTree, BigramDrafter, EagleProposer]:
+        drafter = BigramDrafter(table)
+        prop = EagleProposer(drafter, tree, sampling=sampling, generator=torch.Generator().manual_seed(seed))
+        prop.start(prompt, first_token=2, first_pos=2)
+        return prop.propose(torch.tensor([2]), root_pos=2), drafter, prop
+
+    tree, drafter, prop = chain(0)
+    assert tree.parents.tolist() == [-1, 0, 1, 2] and drafter.calls == 3 and prop.kv.length == 2
+    tokens = tree.tokens.tolist()
+    for node in (1, 2, 3):
+        assert torch.allclose(tree.draft_probs[node], warp(table[tokens[node - 1]], sampling))
+        assert tree.draft_probs[node][tokens[node]] > 0  # drawn from it: never outside the warp's top_k
+    assert len({tuple(chain(s)[0].tokens.tolist()) for s in range(12)}) > 1  # drawn, not the argmax chain
+    assert chain(0)[0].tokens.tolist() == tokens  # the seeded generator gives the same chain
+    short, _, _ = chain(0, TreeConfig(depth=3, top_k=1, total_tokens=3))
+    assert short.tokens.tolist() == tokens[:3]  # total_tokens caps the drafts, not only the tree kept
+
+
+def test_greedy_and_wide_trees_grow_the_beam_whatever_the_sampling():
+    v, table = successor_table()
+    for sampling, tree in ((mmspec.SamplingConfig(temperature=0.0), TreeConfig(depth=2, top_k=1, total_tokens=3)),
+                           (mmspec.SamplingConfig(temperature=1.0), TreeConfig(depth=2, top_k=2, total_tokens=3))):
+        prop = EagleProposer(BigramDrafter(table), tree, sampling=sampling, generator=torch.Generator())
+        prop.start(PromptContext(torch.tensor([0, 1]), torch.arange(2), (torch.zeros(1, 2, v),)), 2, 2)
+        out = prop.propose(torch.tensor([2]), root_pos=2)
+        assert out.draft_probs is None and out.tokens.tolist()[:2] == [2, 3]

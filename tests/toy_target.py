@@ -105,6 +105,32 @@ def chi_square_pvalue(counts: dict, probs: dict, min_expected: float = 5.0) -> f
     return float(torch.special.gammaincc(half[0], half[1]))
 
 
+class BigramDrafter:
+    """A stand-in drafter whose draft logits depend only on the current token: table[token] [V]. Like a real drafter
+    it keeps one KV entry per token it reads (so the proposer's crops are exercised); its features are ignored."""
+
+    vision = None
+    config = SimpleNamespace(modality="text")
+
+    def __init__(self, table: Tensor):
+        self.table = table
+        self.q_proj = nn.Linear(1, 1)
+        self.calls = 0
+
+    def fuse(self, hidden_states):
+        return hidden_states[-1]
+
+    def __call__(self, token_ids, features, positions, mask, kv, embeds=None, image_vec=None):
+        self.calls += 1
+        b, n = token_ids.shape
+        assert mask.shape == (1, n, kv.length + n)
+        kv.append(torch.zeros(b, 1, n, 1), torch.zeros(b, 1, n, 1))
+        return torch.nn.functional.one_hot(token_ids, self.table.shape[0]).float()
+
+    def logits(self, hidden):
+        return self.table[hidden.argmax(-1)]
+
+
 class TableProposer:
     """A fixed tree shape whose children take the first distinct tokens of a fixed ranking per parent token (the
     target's own ranking after that token alone): a deterministic stand-in for a drafter, right often enough that
@@ -135,11 +161,14 @@ class TableProposer:
 
 def engine_draws(job) -> tuple[dict, int]:
     """One worker's share of a distribution test: `n` generations of `new` tokens through mmspec's engine, drafted by
-    a TableProposer of the tree shape `parents` or, when `parents` is a JacobiConfig, by Jacobi windows. Returns (continuation -> count, drafted tokens accepted in all)."""
-    from mmspec import Exact, SamplingConfig
+    a TableProposer of the tree shape `parents`, by Jacobi windows when `parents` is a JacobiConfig, or by an
+    EagleProposer of that TreeConfig over a BigramDrafter whose table is the target's logits after each token alone
+    (soft: at temperature > 0 a chain samples its drafts). Returns (continuation -> count, drafted tokens accepted)."""
+    from mmspec import Exact, SamplingConfig, TreeConfig
     from mmspec.adapters.base import TextAdapter
     from mmspec.engine import decode, first_row, guidance
     from mmspec.jacobi import JacobiConfig, JacobiProposer
+    from mmspec.proposer import EagleProposer
     from mmspec.target import TargetRunner
     from mmspec.verify import acceptor
 
@@ -152,7 +181,8 @@ def engine_draws(job) -> tuple[dict, int]:
     width = max(map(len, rows))
     inputs = {"input_ids": torch.tensor([[0] * (width - len(r)) + r for r in rows]),
               "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
-    ranking = model(torch.arange(vocab)[:, None], use_cache=False).logits[:, -1].argsort(-1, descending=True).tolist()
+    after_one = model(torch.arange(vocab)[:, None], use_cache=False).logits[:, -1]  # [V, V]
+    ranking = after_one.argsort(-1, descending=True).tolist()
     runner = TargetRunner(model, TextAdapter())
     generator = torch.Generator().manual_seed(seed)
     accept = acceptor(rule, SamplingConfig(**sampling), generator, neighbours)
@@ -162,8 +192,13 @@ def engine_draws(job) -> tuple[dict, int]:
     with torch.inference_mode():  # as mmspec bench runs it; skips autograd's bookkeeping on every small op
         for _ in range(n):
             tokens = []
-            proposer = (JacobiProposer(parents, SamplingConfig(**sampling), generator, new, vocab)
-                        if isinstance(parents, JacobiConfig) else TableProposer(parents, ranking))
+            if isinstance(parents, JacobiConfig):
+                proposer = JacobiProposer(parents, SamplingConfig(**sampling), generator, new, vocab)
+            elif isinstance(parents, TreeConfig):
+                proposer = EagleProposer(BigramDrafter(after_one), parents, None if scale is None else combine,
+                                         sampling=SamplingConfig(**sampling), generator=generator)
+            else:
+                proposer = TableProposer(parents, ranking)
             for ev in decode(runner, proposer, inputs, accept, new, frozenset(), combine=combine):
                 tokens.extend(ev.token_ids)
                 accepted += ev.num_accepted
