@@ -73,6 +73,9 @@ class BuildPlan:
     drafter_batch: int = 8
     assistant_steps: int = 300
     max_new_tokens: int = 150
+    # held-out descriptions the stage monitor grades beside its 96 short answers; the counting stage becomes the
+    # target only when the monitor's overall share does not fall (see _promote)
+    monitor_describe: int = 0
     seed: int = 0
 
 
@@ -84,7 +87,7 @@ PLANS = {
     # 47 % and described 60 %; this plan 71 % and 29 %): docs/mini-models.md, "The deep mini-vlm".
     "deep": BuildPlan(size="deep", target_size="deep", n_train=200_000, shards=16, target_steps=12_000,
                       target_batch=512, qa_batch=128, count_batch=128, qa_steps=3_000, n_count=100_000,
-                      count_steps=3_000, qa_describe_share=0.3, count_describe_share=0.25),
+                      count_steps=3_000, qa_describe_share=0.3, count_describe_share=0.25, monitor_describe=32),
     "micro": BuildPlan(size="micro", target_size="micro", n_train=48, n_eval=8, n_drafter=12, shards=2,
                        target_vision_steps=3, target_steps=6,
                        # a stronger short-answer step teaches the micro model to stop at once (empty answers)
@@ -216,7 +219,7 @@ def _vlm_target(plan: BuildPlan, work: Path, run: _Stages) -> Path:
     minutes = plan.target_minutes or (None, None, None)
     # a GPU step takes milliseconds: logging (which reads the loss back) every 10 steps would slow it
     common = {"freeze_vision_tower": True, "monitor_data": data / "eval.jsonl",
-              "log_every": 100 if torch.cuda.is_available() else 10}
+              "monitor_describe": plan.monitor_describe, "log_every": 100 if torch.cuda.is_available() else 10}
     if _stage("data", data / "train.jsonl"):
         run("data", lambda: make_dataset_sharded(plan.n_train, data, plan.seed, TRAIN_TASKS, "train", plan.shards))
     if _stage("tokenizer", tok / "tokenizer.json"):
@@ -252,7 +255,8 @@ def _vlm_target(plan: BuildPlan, work: Path, run: _Stages) -> Path:
 def _promote(qa: Path, count: Path, target: Path) -> None:
     """The counting stage first unlearns the short-answer stage's prior for "one" and dips before it counts better
     (docs/mini-models.md); cut short by a clock cap it can end in the dip. Its weights become the target only when
-    they grade at least as well on the monitor (eval.jsonl's first 96 count and colour questions, never test.jsonl)
+    they grade at least as well on the monitor (eval.jsonl's first 96 count and colour questions and the plan's
+    monitor_describe descriptions, never test.jsonl)
     as the short-answer stage's; else those do. The target appears whole, by a rename, with train_metrics.json saying
     which weights it holds, so a build stopped half way never resumes from an unchecked target."""
     def last(d: Path) -> dict:

@@ -289,13 +289,22 @@ def _loop(run: _Run, opt, params, clock: Clock, *, batch_size: int, g: torch.Gen
     return {"steps": step, "losses": losses, "monitor": monitored, "tokens": int(tokens)}
 
 
+def _monitor_records(path: str | Path, n_short: int, n_describe: int) -> list[dict]:
+    """The first ``n_short`` count and colour questions and the first ``n_describe`` descriptions of ``path``: a
+    stage that lifts short answers can cost descriptions (the deep model's second GPU shot), and a monitor blind to
+    them cannot tell (docs/mini-models.md)."""
+    records = load_records(path)
+    short = [r for r in records if r["task"] in ("count", "colour")][:n_short]
+    return short + [r for r in records if r["task"] == "describe"][:n_describe]
+
+
 def train_target(model_dir: str | Path, data_jsonl: str | Path, out_dir: str | Path, *, steps: int,
                  batch_size: int = 32, lr: float = 1e-3, seed: int = 0, log_every: int = 10,
                  eval_data: str | Path | None = None, warmup: float = 0.05, weight_decay: float = 0.05,
                  clip_norm: float = 1.0, bf16: bool | None = None, aux_weight: float = 1.0,
                  vision_warmup_steps: int = 0, freeze_vision_tower: bool = False,
                  monitor_data: str | Path | None = None, monitor_every: int = 0, monitor_n: int = 96,
-                 per_example_loss: bool = False, minutes: float | None = None,
+                 monitor_describe: int = 0, per_example_loss: bool = False, minutes: float | None = None,
                  device: str | torch.device | None = None) -> dict:
     """Train the model in ``model_dir`` on the assistant tokens of ``data_jsonl``; save model + processor to ``out_dir``.
 
@@ -307,7 +316,7 @@ def train_target(model_dir: str | Path, data_jsonl: str | Path, out_dir: str | P
     if that runs out first); gradients clipped to ``clip_norm``. ``bf16``: bfloat16 autocast (fp32 master weights);
     None turns it on where the device has native bfloat16. ``device``: default cuda when available.
     ``monitor_data``/``monitor_every``: grade greedy answers to the first ``monitor_n`` count and colour questions
-    of that JSONL every so many steps. ``per_example_loss``: every answer weighs the same (``answer_loss``) rather
+    of that JSONL, and its first ``monitor_describe`` descriptions (graded whole), every so many steps. ``per_example_loss``: every answer weighs the same (``answer_loss``) rather
     than every token, which lets a long description outweigh a one-word colour answer some twentyfold.
     Returns metrics (losses, time, and ``eval`` when ``eval_data``).
     """
@@ -323,7 +332,7 @@ def train_target(model_dir: str | Path, data_jsonl: str | Path, out_dir: str | P
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     run = _load_run(model_dir, data_jsonl, device, bf16)
-    monitor = [r for r in load_records(monitor_data) if r["task"] in ("count", "colour")][:monitor_n] \
+    monitor = _monitor_records(monitor_data, monitor_n, monitor_describe) \
         if monitor_data is not None and monitor_every > 0 else []
     t_start = time.time()
     warm_log = vision_warmup(run.model, run.data, run.probe, steps=vision_warmup_steps, batch_size=2 * batch_size,

@@ -49,10 +49,16 @@ def test_micro_build_train_reload_generate(micro):
     assert config["model_type"] == "llava" and config["text_config"]["max_position_embeddings"] >= 1024
     out = root / "trained"
     metrics = tt.train_target(init, data, out, steps=12, batch_size=10, lr=3e-3, seed=0, log_every=1, bf16=False,
-                              vision_warmup_steps=2, monitor_data=data, monitor_every=6, monitor_n=4)
+                              vision_warmup_steps=2, monitor_data=data, monitor_every=6, monitor_n=4,
+                              monitor_describe=2)
     losses = [entry["loss"] for entry in metrics["losses"]]
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     assert len(metrics["vision_warmup"]) == 2 and [m["step"] for m in metrics["monitor"]] == [6, 12]
+    # descriptions are graded beside the short answers (a stage can trade one for the other)
+    assert {"describe", "overall"} <= set(metrics["monitor"][0]) and {"count", "colour"} & set(metrics["monitor"][0])
+    picked = tt._monitor_records(data, 4, 2)
+    assert [r["task"] for r in picked].count("describe") == 2 and len(picked) == 6
+    assert all(r["task"] in ("count", "colour") for r in picked[:4])
     assert (out / "model.safetensors").is_file()
 
     model = AutoModelForImageTextToText.from_pretrained(str(out)).eval()
