@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 
 import pytest
 import torch
@@ -210,3 +211,14 @@ def test_micro_deep_gen_build(tmp_path):
     assert processor.image_processor.size["height"] == 64
     sidecar = json.loads((tmp_path / "out" / "mini-gen" / "mmspec_gen.json").read_text())
     assert sidecar["grid"] == [16, 16] and sidecar["num_image_tokens"] == 256
+
+    # The GPU shot (docs/mini-gen.md): a work folder brought back without its data, checkpoints and drafter, the
+    # export inside it, resumes on another machine with the seeded data redrawn and only the drafter distilled.
+    moved = tmp_path / "moved"
+    shutil.copytree(work, moved, ignore=shutil.ignore_patterns("data", "ckpt.pt", "final.pt", "codes.pt", "drafter*"))
+    shutil.copytree(tmp_path / "out" / "mini-gen", moved / "out" / "mini-gen")
+    again = build_gen(moved, moved / "out", GEN_PLANS["micro-deep"], init_from=base / "mini-gen")
+    assert set(again["stages_s"]) == {"gen-data", "gen-drafter"}
+    assert again["verify"] == info["verify"] and again["generator"] == info["generator"]
+    assert (moved / "data" / "train.jsonl").read_text() == (work / "data" / "train.jsonl").read_text()
+    assert (moved / "out" / "mini-gen-drafter" / "model.safetensors").exists()
