@@ -256,9 +256,9 @@ def _promote(qa: Path, count: Path, target: Path) -> None:
     """The counting stage first unlearns the short-answer stage's prior for "one" and dips before it counts better
     (docs/mini-models.md); cut short by a clock cap it can end in the dip. Its weights become the target only when
     they grade at least as well on the monitor (eval.jsonl's first 96 count and colour questions and the plan's
-    monitor_describe descriptions, never test.jsonl)
-    as the short-answer stage's; else those do. The target appears whole, by a rename, with train_metrics.json saying
-    which weights it holds, so a build stopped half way never resumes from an unchecked target."""
+    monitor_describe descriptions, never test.jsonl) as the short-answer stage's; else those do. The target
+    appears whole, by a rename, with train_metrics.json saying which weights it holds, so a build stopped half way
+    never resumes from an unchecked target."""
     def last(d: Path) -> dict:
         return (json.loads((d / "train_metrics.json").read_text()).get("monitor") or [{}])[-1]
 

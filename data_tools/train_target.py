@@ -316,8 +316,9 @@ def train_target(model_dir: str | Path, data_jsonl: str | Path, out_dir: str | P
     if that runs out first); gradients clipped to ``clip_norm``. ``bf16``: bfloat16 autocast (fp32 master weights);
     None turns it on where the device has native bfloat16. ``device``: default cuda when available.
     ``monitor_data``/``monitor_every``: grade greedy answers to the first ``monitor_n`` count and colour questions
-    of that JSONL, and its first ``monitor_describe`` descriptions (graded whole), every so many steps. ``per_example_loss``: every answer weighs the same (``answer_loss``) rather
-    than every token, which lets a long description outweigh a one-word colour answer some twentyfold.
+    of that JSONL, and its first ``monitor_describe`` descriptions (graded whole), every so many steps.
+    ``per_example_loss``: every answer weighs the same (``answer_loss``) rather than every token, which lets a long
+    description outweigh a one-word colour answer some twentyfold.
     Returns metrics (losses, time, and ``eval`` when ``eval_data``).
     """
     if steps <= 0 or batch_size <= 0 or lr <= 0 or vision_warmup_steps < 0:
