@@ -63,6 +63,17 @@ def test_micro_build_produces_loadable_models(tmp_path):
     assert not changed, changed
     assert {name: (out / name / "model.safetensors").read_bytes() for name in SHIPPED} == before_out
 
+    # The GPU shot (docs/mini-models.md): the graded target and the stage records, brought back alone, resume on
+    # another machine with the seeded data redrawn and only the drafters trained.
+    moved = tmp_path / "moved"
+    for path in ("mini-vlm", "mini-vlm-joint/train_metrics.json", "mini-vlm-qa/train_metrics.json", "stages.json"):
+        (moved / path).parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if (work / path).is_dir() else shutil.copy)(work / path, moved / path)
+    resumed = build(moved, tmp_path / "models-moved", PLANS["micro"])
+    assert set(resumed["stages_s"]) == {"eval-data", "drafter-data", "regenerate", "mini-vlm-vispec", "mini-vlm-eagle",
+                                        "assistant"}
+    assert resumed["target_test"] == info["target_test"]
+
 
 def test_select_tasks_keeps_shares_per_task_and_answer(tmp_path):
     rows = [{"task": "count", "answer": str(i % 3)} for i in range(300)] + [{"task": "colour", "answer": "red"}] * 100
