@@ -15,6 +15,7 @@ anywhere.
 
 `--only gen` builds mini-gen, the image generator, instead (docs/mini-gen.md):
     gen-world data -> tokenizer -> VQ -> generator (early export, final export) -> verification -> gen_prompts.jsonl
+with --size fine (4 blocks on 16 x 16 codes) and deep (12 blocks) up-scaled from a trained build (--init-from).
 """
 
 from __future__ import annotations
@@ -423,12 +424,18 @@ GEN_PLANS = {
     "deep": GenPlan(size="deep", base="mini", n_train=12_000, vq_minutes=10.0, vq_lr=5e-4, vq_batch=16,
                     gen_n_train=12_000, gen_batch=16, gen_lr=6e-4,
                     gen_minutes=75.0, export_after_minutes=20.0, drafter_prompts=1_000, drafter_steps=1_500),
+    # mini's 4 blocks on deep's 16 x 16 codes (a third of deep's cost a step): a stage towards deep, whose up-scaling
+    # can start from it (docs/mini-gen.md, "Depth")
+    "fine": GenPlan(size="fine", base="mini", n_train=12_000, vq_minutes=10.0, vq_lr=5e-4, vq_batch=16,
+                    gen_n_train=12_000, gen_batch=16, gen_lr=6e-4,
+                    gen_minutes=60.0, export_after_minutes=20.0, drafter_prompts=1_000, drafter_steps=1_500),
     "micro": GenPlan(size="micro", n_train=64, n_heldout=8, vq_steps=4, vq_batch=8, vq_judge_images=0,
                      judge_prompts=0, gen_minutes=0.2, gen_max_steps=6, gen_batch=8, gen_lr=3e-3,
                      export_after_minutes=0.0, n_samples=1, gen_n_train=64, drafter_prompts=8, drafter_steps=2),
 }
 # the deep path in a minute (the test suite runs it): micro up-scaled to 3 blocks on 64-px images
 GEN_PLANS["micro-deep"] = dataclasses.replace(GEN_PLANS["micro"], size="micro-deep", base="micro")
+GEN_PLANS["micro-fine"] = dataclasses.replace(GEN_PLANS["micro"], size="micro-fine", base="micro")
 GEN_HELDOUT_SEED_OFFSET = 1_000_003
 DRAFTER_MADE_FOR = "made_for.json"  # in the drafter's work dir: the generator step it was distilled from
 GEN_ASSET_PROMPTS = 64
@@ -562,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("runs/build_minis"), help="intermediate files (resumable)")
     p.add_argument("--out", type=Path, default=PACKAGE / "models", help="where the fp16 models go")
     p.add_argument("--assets", type=Path, default=PACKAGE / "assets")
-    p.add_argument("--size", choices=sorted(PLANS), default="mini")
+    p.add_argument("--size", choices=sorted(set(PLANS) | set(GEN_PLANS)), default="mini",
+                   help=f"mini-vlm: {', '.join(PLANS)}; mini-gen: {', '.join(GEN_PLANS)}")
     p.add_argument("--only", choices=["vlm", "gen"], default="vlm",
                    help="vlm: the mini-vlm family (default); gen: mini-gen, the image generator")
     p.add_argument("--gen-minutes", type=float, help="mini-gen: the generator's wall-clock training budget")
@@ -577,6 +585,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
+        plans = GEN_PLANS if args.only == "gen" else PLANS
+        if args.size not in plans:
+            raise ValueError(f"--size {args.size} is not a {'mini-gen' if args.only == 'gen' else 'mini-vlm'} "
+                             f"plan; choose one of {', '.join(plans)}")
         if args.only == "gen":
             plan = GEN_PLANS[args.size]
             overrides = {"gen_minutes": args.gen_minutes, "gen_batch": args.gen_batch, "vq_minutes": args.vq_minutes}

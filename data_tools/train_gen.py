@@ -78,7 +78,9 @@ class GenSize:
 
 # "deep" is issue #23's: 12 blocks on 64-px images, 16 x 16 codes, same VQ architecture (a conv VQ is resolution-free)
 SIZES = {"mini": GenSize(256, 4, 4, 688, 512), "deep": GenSize(256, 12, 4, 688, 512, image_px=64),
-         "micro": GenSize(64, 1, 2, 128, 64), "micro-deep": GenSize(64, 3, 2, 128, 64, image_px=64)}
+         "fine": GenSize(256, 4, 4, 688, 512, image_px=64),
+         "micro": GenSize(64, 1, 2, 128, 64), "micro-deep": GenSize(64, 3, 2, 128, 64, image_px=64),
+         "micro-fine": GenSize(64, 1, 2, 128, 64, image_px=64)}
 
 
 def train_gen_tokenizer(prompts, out_dir: Path | None = None, vocab_size: int = VOCAB_SIZE):

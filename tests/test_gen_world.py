@@ -11,7 +11,7 @@ import torch
 
 import mmspec
 
-from mmspec.data_tools.build_minis import GEN_PLANS, build_gen
+from mmspec.data_tools.build_minis import GEN_PLANS, build_gen, main as build_minis_main
 from mmspec.data_tools.gen_world import (IMAGE_PX, expected_answers, make_gen_dataset, object_mask, prompt_of,
                                          render_textured, sample_gen_scene)
 from mmspec.data_tools.shapes_world import COLOURS, POSITION_PHRASES, Scene
@@ -190,6 +190,30 @@ def test_upscale_starts_as_the_source_and_every_block_trains():
         assert block.self_attn.o_proj.weight.grad.abs().sum() > 0 and block.mlp.down_proj.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="multiple"):
         upscale(build_gen_model(tok, "micro"), deep)
+
+
+def test_deep_up_scales_from_a_fine_build(tmp_path):
+    """The CPU route over sessions (docs/mini-gen.md, "--size fine"): a fine build (the base's blocks on 16 x 16
+    codes) is itself a mini-gen a deep build can start from; its 64-px VQ is fine-tuned again, codebook unchanged."""
+    base, fine, deep = tmp_path / "base", tmp_path / "fine", tmp_path / "deep"
+    build_gen(base, base, GEN_PLANS["micro"], stop_after="generator")
+    info = build_gen(fine, fine, GEN_PLANS["micro-fine"], stop_after="generator", init_from=base / "mini-gen")
+    assert info["verify"]["codes_shape"] == [1, 256] and len(info["generator"]["residual_updates"]) == 1
+    info = build_gen(deep, deep, GEN_PLANS["micro-deep"], stop_after="generator", init_from=fine / "mini-gen")
+    assert info["generator"]["init_from"] == str(fine / "mini-gen") and info["verify"]["codes_shape"] == [1, 256]
+    src, _ = load_mini_gen(fine / "mini-gen")
+    out, _ = load_mini_gen(deep / "mini-gen")
+    assert torch.equal(out.model.vqmodel.quantize.embedding.weight, src.model.vqmodel.quantize.embedding.weight)
+    assert len(out.model.language_model.layers) == 3
+
+
+def test_build_command_refuses_a_size_of_the_other_family(tmp_path, capsys):
+    """--size names a plan of the family --only picks: mini-gen's "fine" is no mini-vlm plan, and the error says
+    which sizes there are, before any stage writes into --work."""
+    assert build_minis_main(["--size", "fine", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--size fine is not a mini-vlm plan" in err and "deep" in err
+    assert not (tmp_path / "w").exists()
 
 
 def test_micro_deep_gen_build(tmp_path):
