@@ -424,17 +424,15 @@ GEN_PLANS = {
     "deep": GenPlan(size="deep", base="mini", n_train=12_000, vq_minutes=10.0, vq_lr=5e-4, vq_batch=16,
                     gen_n_train=12_000, gen_batch=16, gen_lr=6e-4,
                     gen_minutes=75.0, export_after_minutes=20.0, drafter_prompts=1_000, drafter_steps=1_500),
-    # mini's 4 blocks on deep's 16 x 16 codes (a third of deep's cost a step): a stage towards deep, whose up-scaling
-    # can start from it (docs/mini-gen.md, "Depth")
-    "fine": GenPlan(size="fine", base="mini", n_train=12_000, vq_minutes=10.0, vq_lr=5e-4, vq_batch=16,
-                    gen_n_train=12_000, gen_batch=16, gen_lr=6e-4,
-                    gen_minutes=60.0, export_after_minutes=20.0, drafter_prompts=1_000, drafter_steps=1_500),
     "micro": GenPlan(size="micro", n_train=64, n_heldout=8, vq_steps=4, vq_batch=8, vq_judge_images=0,
                      judge_prompts=0, gen_minutes=0.2, gen_max_steps=6, gen_batch=8, gen_lr=3e-3,
                      export_after_minutes=0.0, n_samples=1, gen_n_train=64, drafter_prompts=8, drafter_steps=2),
 }
 # the deep path in a minute (the test suite runs it): micro up-scaled to 3 blocks on 64-px images
 GEN_PLANS["micro-deep"] = dataclasses.replace(GEN_PLANS["micro"], size="micro-deep", base="micro")
+# deep's recipe on mini's 4 blocks (a third of deep's cost a step): a stage towards deep that can ship on its own and
+# that deep's up-scaling can start from (docs/mini-gen.md, "--size fine")
+GEN_PLANS["fine"] = dataclasses.replace(GEN_PLANS["deep"], size="fine", gen_minutes=60.0)
 GEN_PLANS["micro-fine"] = dataclasses.replace(GEN_PLANS["micro"], size="micro-fine", base="micro")
 GEN_HELDOUT_SEED_OFFSET = 1_000_003
 DRAFTER_MADE_FOR = "made_for.json"  # in the drafter's work dir: the generator step it was distilled from
